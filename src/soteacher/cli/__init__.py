@@ -1,0 +1,1 @@
+"""Command-line interface (``soteacher ...`` or ``python -m soteacher ...``)."""

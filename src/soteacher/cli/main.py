@@ -1,0 +1,183 @@
+"""The ``soteacher`` command line: demo, train-teacher, distill, evaluate, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+QUICK_OVERRIDES = [
+    "data.options.num_train=600", "data.options.num_test=1000",
+    "teacher.train.epochs=8", "teacher.train.milestones=[6]",
+    "student.train.epochs=6", "student.train.milestones=[5]",
+]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML config (default: the embedded demo config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set teacher.train.epochs=10 (repeatable)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, auto, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soteacher",
+        description="Student-oriented teacher training (SoTeacher) and knowledge distillation.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="standard vs SoTeacher teacher on data with known p*, "
+                                    "students from each, and a results table")
+    _common(d)
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+    d.add_argument("--quick", action="store_true",
+                   help="a small version that finishes in about a minute on a laptop CPU: "
+                        + " ".join(QUICK_OVERRIDES))
+    d.add_argument("--seeds", type=int, default=1, help="repeat with N seeds, report mean and std")
+    d.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    t = sub.add_parser("train-teacher", help="train a teacher with the configured method")
+    _common(t)
+    t.add_argument("--out", type=Path, required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    s = sub.add_parser("distill", help="distil a trained teacher into the configured student")
+    _common(s)
+    s.add_argument("--teacher", type=Path, required=True,
+                   help="teacher run directory (or its model.pt)")
+    s.add_argument("--out", type=Path, required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    e = sub.add_parser("evaluate", help="evaluate a trained model on its dataset")
+    e.add_argument("model", type=Path, help="run directory (or model.pt)")
+    e.add_argument("--config", type=Path, default=None,
+                   help="config naming the dataset (default: the run directory's config.yaml)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ls = sub.add_parser("list", help="list registered names, one per line")
+    ls.add_argument("what", choices=["distillers", "models", "datasets", "teachers"])
+    return p
+
+
+def _load(args, phases: tuple[str, ...]):
+    from ..config import apply_overrides, load_config, validate
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "device", None):
+        cfg = apply_overrides(cfg, [f"device={args.device}"])
+    validate(cfg, phases)
+    return cfg
+
+
+def cmd_demo(args) -> int:
+    from ..config import apply_overrides
+    from ..pipeline import format_results, prepare_run_dir, run_demo
+    if args.quick:
+        args.overrides = QUICK_OVERRIDES + args.overrides
+    cfg = _load(args, ("teacher", "student", "distill"))
+    out = prepare_run_dir(args.out, overwrite=args.overwrite)
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    results = run_demo(cfg, out, seeds=args.seeds, progress=not args.quiet, log=log)
+    print(format_results(results))
+    print(f"\nresults: {out / 'results.json'} ({results['wall_time_s']:.0f}s)")
+    return 0
+
+
+def cmd_train_teacher(args) -> int:
+    from ..pipeline import build_data, model_report, prepare_run_dir, run_teacher
+    from ..engine.io import atomic_write_json
+    cfg = _load(args, ("teacher",))
+    out = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    data = build_data(cfg)
+    model = run_teacher(cfg, data, out, resume=args.resume, progress=not args.quiet)
+    report = model_report(model, data, cfg.device)
+    atomic_write_json(out / "summary.json", report)
+    _print_metrics(report)
+    print(f"teacher weights: {out / 'model.pt'}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from ..engine.evaluate import resolve_device
+    from ..engine.io import atomic_write_json
+    from ..pipeline import (build_data, check_teacher_fits, load_model, model_report,
+                            prepare_run_dir, run_student)
+    cfg = _load(args, ("student", "distill"))
+    teacher = load_model(args.teacher).to(resolve_device(cfg.device))
+    data = build_data(cfg)
+    check_teacher_fits(teacher, data)
+    out = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    student = run_student(cfg, data, teacher, out, resume=args.resume, progress=not args.quiet,
+                          name=f"student[{cfg.distill.method}]")
+    report = model_report(student, data, cfg.device, teacher)
+    atomic_write_json(out / "summary.json", report)
+    _print_metrics(report)
+    print(f"student weights: {out / 'model.pt'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..config import ConfigError
+    from ..engine.evaluate import resolve_device
+    from ..pipeline import build_data, load_model, model_report
+    if args.config is None:
+        run_dir = args.model if args.model.is_dir() else args.model.parent
+        args.config = run_dir / "config.yaml"
+        if not args.config.is_file():
+            raise ConfigError(f"no config.yaml beside {str(args.model)!r}; pass --config to "
+                              f"name the dataset")
+    cfg = _load(args, ())
+    model = load_model(args.model).to(resolve_device(cfg.device))
+    report = model_report(model, build_data(cfg), cfg.device)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_metrics(report)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from ..data import list_datasets
+    from ..distillers import list_distillers
+    from ..models import list_models
+    from ..teachers import list_teachers
+    names = {"distillers": list_distillers, "models": list_models, "datasets": list_datasets,
+             "teachers": list_teachers}[args.what]()
+    print("\n".join(names))
+    return 0
+
+
+def _print_metrics(report: dict) -> None:
+    width = max(map(len, report))
+    for k, v in report.items():
+        print(f"{k.ljust(width)}  {v:.4f}")
+
+
+COMMANDS = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill,
+            "evaluate": cmd_evaluate, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from ..engine.io import CheckpointError
+    from ..engine.trainer import NonFiniteLossError
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyError, CheckpointError, NonFiniteLossError, ImportError,
+            OSError) as e:
+        if os.environ.get("SOTEACHER_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"soteacher {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

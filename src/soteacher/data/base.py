@@ -1,0 +1,112 @@
+"""Dataset containers whose items are ``(input, label, index)``.
+
+The index lets per-sample state (e.g. SoTeacher's consistency bank of past predictions) be looked
+up for each example of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from .known_truth import KnownTruthTask
+
+__all__ = ["DATASETS", "ArrayDataset", "IndexedDataset", "DataBundle"]
+
+#: Dataset builders by name; each is a function of keyword options returning a ``DataBundle``.
+DATASETS = Registry("dataset")
+
+
+class ArrayDataset(Dataset):
+    """In-memory dataset; item ``i`` is ``(x[i], y[i], i)``.
+
+    ``x`` is float32 of shape (N, *input_shape) and ``y`` int64 of shape (N,). Both are public: the
+    trainer slices them directly instead of going through a DataLoader.
+    """
+
+    def __init__(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> None:
+        x = torch.as_tensor(x)
+        y = torch.as_tensor(y)
+        if x.dim() < 1 or y.dim() != 1:
+            raise ValueError(f"expected x of shape (N, ...) and y of shape (N,); got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if len(x) != len(y):
+            raise ValueError(f"x and y have different lengths: {len(x)} and {len(y)}")
+        if y.is_floating_point() or y.is_complex():
+            raise ValueError("labels must be integer class indices")
+        self.x: Tensor = x.to(torch.float32)
+        self.y: Tensor = y.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        i = int(i)
+        return self.x[i], self.y[i], i
+
+    def __repr__(self) -> str:
+        return f"ArrayDataset(n={len(self)}, input_shape={tuple(self.x.shape[1:])})"
+
+
+def _as_label(y: Any, i: int) -> Tensor:
+    t = torch.as_tensor(y)
+    if t.numel() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"item {i}: the label must be an integer class index; got {y!r}")
+    return t.reshape(()).to(torch.int64)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a map-style dataset whose items are ``(x, y)`` so that items become ``(x, y, index)``.
+
+    ``y`` becomes an int64 scalar tensor; an ``x`` that is not a tensor (e.g. a numpy array)
+    becomes a float32 tensor. Items are checked when accessed: anything that is not an
+    ``(input, label)`` pair raises ``ValueError``.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        i = int(i)
+        item = self.dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            what = type(item).__name__
+            if isinstance(item, (tuple, list)):
+                what += f" of length {len(item)}"
+            raise ValueError(f"the dataset must return (input, label) pairs; item {i} is a {what}")
+        x, y = item
+        if not isinstance(x, Tensor):
+            x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        return x, _as_label(y, i), i
+
+    def __repr__(self) -> str:
+        return f"IndexedDataset({self.dataset!r})"
+
+
+@dataclass
+class DataBundle:
+    """Everything a run needs to know about a dataset.
+
+    ``train`` and ``test`` yield ``(x, y, index)`` items. ``augment`` is applied by the trainer to
+    whole float batches (B, *input_shape) on the device, during training only. ``truth`` is set
+    only for data whose true label distribution p*(y|x) is known (``KnownTruthTask``).
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    augment: nn.Module | None
+    truth: KnownTruthTask | None = None

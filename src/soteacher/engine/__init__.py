@@ -1,0 +1,1 @@
+"""The training engine: one loop, checkpoints, evaluation, optimiser settings."""

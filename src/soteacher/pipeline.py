@@ -1,0 +1,288 @@
+"""Config-driven runs: train a teacher, distil a student, evaluate, and the end-to-end demo.
+
+These functions turn a ``Config`` into plain constructor arguments for the library's parts; the
+command line is a thin layer over them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .config import Config, ConfigError, ModelSpec, config_to_dict, validate
+from .data import DataBundle, OracleTeacher, build_dataset
+from .distillers import build_distiller
+from .engine.evaluate import evaluate, resolve_device
+from .engine.io import CheckpointError, atomic_write_json, atomic_write_text, safe_torch_load
+from .engine.trainer import CHECKPOINT, METRICS, WEIGHTS, WEIGHTS_FORMAT, Trainer
+from .metrics import agreement
+from .engine.evaluate import predict
+from .models import create_model
+from .teachers import build_teacher_objective
+
+RUN_FILES = ("config.yaml", CHECKPOINT, WEIGHTS, METRICS, "summary.json", "results.json")
+
+
+# ---- run directories and weights ---------------------------------------------------------------
+def prepare_run_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``path`` ready for a run; refuse to mix two runs in one directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output path {str(path)!r} exists and is not a directory")
+    existing = [f for f in RUN_FILES if (path / f).exists()] if path.is_dir() else []
+    if existing and not resume:
+        if not overwrite:
+            raise ConfigError(f"{str(path)!r} already holds a run ({', '.join(existing)}); "
+                              f"pass --resume to continue it, --overwrite to replace it, or "
+                              f"choose another --out")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to output directory {str(path)!r}: {e.strerror}; "
+                          f"choose another --out") from None
+    return path
+
+
+def load_model(path: str | Path, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild a model saved by soteacher from ``model.pt`` (or a run directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"no model weights at {path}; pass a run directory of "
+                              f"'soteacher train-teacher' or its {WEIGHTS}")
+    blob = safe_torch_load(path, map_location=map_location)
+    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path} is not a soteacher model file (expected format "
+                              f"{WEIGHTS_FORMAT!r})")
+    spec = blob.get("spec")
+    if not spec:
+        raise CheckpointError(f"{path} holds weights of a custom model without a registry name; "
+                              f"build the model yourself and call model.load_state_dict(...)")
+    model = create_model(spec["name"], num_classes=spec["num_classes"],
+                         input_shape=tuple(spec["input_shape"]), **spec.get("options", {}))
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {path} do not fit model {spec['name']!r}: {e}") from None
+    return model
+
+
+def model_spec(spec: ModelSpec, data: DataBundle) -> dict[str, Any]:
+    return {"name": spec.name, "options": dict(spec.options), "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape)}
+
+
+def build_model(spec: ModelSpec, data: DataBundle) -> nn.Module:
+    return create_model(spec.name, num_classes=data.num_classes,
+                        input_shape=tuple(data.input_shape), **spec.options)
+
+
+def build_data(cfg: Config) -> DataBundle:
+    return build_dataset(cfg.data.name, **cfg.data.options)
+
+
+def save_config(cfg: Config, run_dir: Path) -> None:
+    atomic_write_text(run_dir / "config.yaml",
+                      yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---- phases ------------------------------------------------------------------------------------
+def run_teacher(cfg: Config, data: DataBundle, run_dir: Path | None, *, method: str | None = None,
+                options: dict[str, Any] | None = None, resume: bool = False,
+                progress: bool = True) -> nn.Module:
+    """Train the configured teacher (optionally with another method) and return it."""
+    method = method or cfg.teacher.method
+    options = cfg.teacher.options if options is None else options
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.teacher.model, data)
+    objective = build_teacher_objective(method, options, num_samples=len(data.train),
+                                        num_classes=data.num_classes,
+                                        num_epochs=cfg.teacher.train.epochs)
+    _train(cfg, data, model, objective, cfg.teacher.train, run_dir, resume, progress,
+           f"teacher[{method}]", model_spec(cfg.teacher.model, data))
+    return model
+
+
+def run_student(cfg: Config, data: DataBundle, teacher: nn.Module | None, run_dir: Path | None,
+                *, resume: bool = False, progress: bool = True, name: str = "student") -> nn.Module:
+    """Distil ``teacher`` into the configured student; without a teacher, plain cross-entropy."""
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student.model, data)
+    if teacher is None:
+        objective = build_teacher_objective("standard", {}, num_samples=len(data.train),
+                                            num_classes=data.num_classes,
+                                            num_epochs=cfg.student.train.epochs)
+    else:
+        objective = build_distiller(cfg.distill.method, teacher, cfg.distill.options,
+                                    student=student, num_samples=len(data.train),
+                                    num_classes=data.num_classes)
+    _train(cfg, data, student, objective, cfg.student.train, run_dir, resume, progress, name,
+           model_spec(cfg.student.model, data))
+    return student
+
+
+def _train(cfg, data, model, objective, settings, run_dir, resume, progress, name, spec) -> None:
+    device = resolve_device(cfg.device)
+    if run_dir is not None:
+        save_config(cfg, run_dir)
+    test_eval = (lambda m: evaluate(m, data.test, device=device, prefix="test_"))
+    trainer = Trainer(model, objective, data.train, settings,
+                      augment=data.augment if cfg.data.augment else None, device=device,
+                      seed=cfg.seed, run_dir=run_dir, resume=resume, evaluate=test_eval,
+                      name=name, progress=progress, num_workers=cfg.data.num_workers,
+                      model_spec=spec)
+    trainer.fit()
+
+
+def check_teacher_fits(teacher: nn.Module, data: DataBundle) -> None:
+    x = data.train[0][0][None]
+    device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            out = teacher(x.to(device))
+    except RuntimeError as e:
+        raise ConfigError(f"the teacher cannot read this dataset's inputs of shape "
+                          f"{tuple(data.input_shape)}: {str(e).splitlines()[0]}") from None
+    if out.shape[-1] != data.num_classes:
+        raise ConfigError(f"the teacher predicts {out.shape[-1]} classes but dataset "
+                          f"{data.name!r} has {data.num_classes}")
+
+
+# ---- reports -----------------------------------------------------------------------------------
+def model_report(model: nn.Module, data: DataBundle, device: Any = None,
+                 teacher: nn.Module | None = None) -> dict[str, float]:
+    """Train and test metrics of ``model``; with known truth also its distance to p*; with a
+    ``teacher``, the test-set agreement between the two."""
+    device = resolve_device(device)
+    out: dict[str, float] = {}
+    for split, ds in (("train", data.train), ("test", data.test)):
+        out.update(evaluate(model, ds, truth=data.truth, device=device, prefix=f"{split}_"))
+    if teacher is not None:
+        a = predict(model, data.test, device)["logits"]
+        b = predict(teacher, data.test, device)["logits"]
+        out["test_agreement"] = agreement(a, b)
+    return out
+
+
+DEMO_TEACHERS = ("standard", "soteacher")
+TEACHER_KEYS = ("test_acc", "test_nll", "test_ece", "train_acc", "train_nll", "train_ece",
+                "train_tv_true", "test_tv_true", "train_kl_true", "test_kl_true")
+STUDENT_KEYS = ("test_acc", "test_nll", "test_ece", "test_agreement", "test_tv_true",
+                "test_kl_true")
+
+
+def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
+             log=print) -> dict[str, Any]:
+    """Standard vs SoTeacher teacher on known-truth data, a KD student from each (and from the
+    oracle p*), and a student without a teacher; ``seeds`` repetitions, mean and spread."""
+    validate(cfg)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    data = build_data(cfg)
+    if data.truth is None:
+        raise ConfigError(f"the demo needs a dataset whose true label distribution is known; "
+                          f"{cfg.data.name!r} has none (use data.name=known_truth)")
+    save_config(cfg, out)
+    t0 = time.perf_counter()
+    per_seed: list[dict[str, dict[str, dict[str, float]]]] = []
+    for i in range(seeds):
+        seed_cfg = _with_seed(cfg, cfg.seed + i)
+        root = out / f"seed{seed_cfg.seed}"
+        teachers: dict[str, nn.Module] = {}
+        run = {"teachers": {}, "students": {}}
+        for method in DEMO_TEACHERS:
+            log(f"[seed {seed_cfg.seed}] training the {method} teacher")
+            options = seed_cfg.teacher.options if method == "soteacher" else {}
+            teachers[method] = run_teacher(seed_cfg, data, root / f"teacher_{method}",
+                                           method=method, options=options, progress=progress)
+        teachers["oracle"] = OracleTeacher(data.truth)
+        for name, teacher in teachers.items():
+            run["teachers"][name] = model_report(teacher, data, seed_cfg.device)
+        for name in (*teachers, "none"):
+            log(f"[seed {seed_cfg.seed}] training the student " +
+                ("without a teacher" if name == "none" else f"of the {name} teacher"))
+            teacher = teachers.get(name)
+            student = run_student(seed_cfg, data, teacher, root / f"student_{name}",
+                                  progress=progress, name=f"student[{name}]")
+            run["students"][name] = model_report(student, data, seed_cfg.device, teacher)
+        per_seed.append(run)
+    results = summarise(per_seed)
+    results["bayes_accuracy"] = {"train": data.truth.bayes_accuracy(data.train.x),
+                                 "test": data.truth.bayes_accuracy(data.test.x)}
+    results["seeds"] = [cfg.seed + i for i in range(seeds)]
+    results["wall_time_s"] = time.perf_counter() - t0
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _with_seed(cfg: Config, seed: int) -> Config:
+    import dataclasses
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def summarise(per_seed: list[dict[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
+    """Mean over seeds of every metric, with ``<key>_std`` (sample standard deviation) when
+    there is more than one seed, and the per-seed values under ``per_seed``."""
+    out: dict[str, Any] = {}
+    for group in ("teachers", "students"):
+        out[group] = {}
+        for name in per_seed[0][group]:
+            runs = [r[group][name] for r in per_seed]
+            m: dict[str, Any] = {}
+            for key in runs[0]:
+                vals = [r[key] for r in runs]
+                m[key] = statistics.fmean(vals)
+                if len(vals) > 1:
+                    m[f"{key}_std"] = statistics.stdev(vals)
+            if len(runs) > 1:
+                m["per_seed"] = runs
+            out[group][name] = m
+    return out
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The demo's results as two plain-text tables."""
+    def cell(m: dict, key: str, pct: bool) -> str:
+        if key not in m:
+            return "-"
+        scale = 100.0 if pct else 1.0
+        s = f"{m[key] * scale:.2f}" if pct else f"{m[key]:.3f}"
+        if f"{key}_std" in m:
+            s += f"±{m[key + '_std'] * scale:.2f}" if pct else f"±{m[key + '_std']:.3f}"
+        return s
+
+    def table(title: str, group: dict, cols: list[tuple[str, str, bool]]) -> str:
+        header = [title] + [c[0] for c in cols]
+        rows = [[name] + [cell(m, key, pct) for _, key, pct in cols] for name, m in group.items()]
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                                  for i, (v, w) in enumerate(zip(r, widths)))
+        return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+    teacher_cols = [("test acc %", "test_acc", True), ("test ECE", "test_ece", False),
+                    ("train acc %", "train_acc", True), ("train TV(p*)", "train_tv_true", False),
+                    ("train KL(p*)", "train_kl_true", False), ("test TV(p*)", "test_tv_true", False)]
+    student_cols = [("test acc %", "test_acc", True), ("test NLL", "test_nll", False),
+                    ("test ECE", "test_ece", False), ("agree %", "test_agreement", True),
+                    ("test TV(p*)", "test_tv_true", False)]
+    lines = [table("teacher", results["teachers"], teacher_cols), "",
+             table("student of", results["students"], student_cols)]
+    if "bayes_accuracy" in results:
+        b = results["bayes_accuracy"]
+        lines += ["", f"Bayes accuracy (expected): train {100 * b['train']:.2f}%, "
+                      f"test {100 * b['test']:.2f}%"]
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Consistency regularisation of SoTeacher (Dong, Liu & Shang, ICLR 2024).
+
+No second view and no extra forward pass: each training sample's current prediction (on this
+epoch's random augmentation) is pulled toward the average of its own past predictions, kept in a
+per-sample bank of shape (N, C) addressed by the sample's dataset index.
+
+For a batch with softmax predictions ``p`` (B, C) and bank rows ``b`` (B, C), read *before* the
+bank is updated, the loss is ``mean_i sum_c (p_ic - b_ic)^2`` (temperature 1). It is zero during
+the first epoch, when the bank holds nothing yet. After the loss, the bank takes the detached
+prediction: ``b_i <- (1 - tau) * b_i + tau * p_i``, where ``tau`` depends on the bank's update rule:
+
+* ``"reference"`` (default, the reference code's rule): ``tau = 1`` in epoch 1 and ``1/(k+1)`` in
+  epoch ``k >= 2``. The bank is a running mean of past epochs' predictions in which epoch 1
+  counts twice.
+* ``"mean"``: ``tau = 1/k``, a clean running mean of all past epochs.
+* ``"ema"``: ``tau = 1`` in epoch 1, then ``1 - ema_decay``: an exponential moving average.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .schedules import SCHEDULES, schedule_weight
+
+__all__ = ["BANK_UPDATES", "consistency_loss", "ConsistencyBank", "ConsistencyRegularizer"]
+
+BANK_UPDATES = ("reference", "mean", "ema")
+
+
+def consistency_loss(probs: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Squared L2 distance between predicted and target distributions.
+
+    ``probs`` and ``target`` are (B, C). Returns the per-sample ``sum_c (probs - target)^2`` (B,)
+    with ``reduction="none"``, or its batch mean.
+    """
+    per_sample = (probs - target).pow(2).sum(dim=1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'none'")
+
+
+class ConsistencyBank(nn.Module):
+    """Per-sample bank of past predictions, (num_samples, num_classes), zero-initialised.
+
+    The bank is a buffer, so it travels with ``.to(device)`` and is part of ``state_dict()``:
+    a resumed run restores it.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, update: str = "reference",
+                 ema_decay: float = 0.9, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if update not in BANK_UPDATES:
+            raise ValueError(f"unknown bank update {update!r}; available: {', '.join(BANK_UPDATES)}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if num_samples < 1 or num_classes < 1:
+            raise ValueError("the bank needs num_samples >= 1 and num_classes >= 1")
+        self.update_rule = update
+        self.ema_decay = ema_decay
+        self.register_buffer("bank", torch.zeros(num_samples, num_classes, dtype=dtype))
+
+    def tau(self, epoch: int) -> float:
+        """Weight of the new prediction in 1-based ``epoch``."""
+        if epoch < 1:
+            raise ValueError(f"epochs are counted from 1, got {epoch}")
+        if epoch == 1:
+            return 1.0
+        if self.update_rule == "reference":
+            return 1.0 / (epoch + 1)
+        if self.update_rule == "mean":
+            return 1.0 / epoch
+        return 1.0 - self.ema_decay
+
+    def read(self, index: Tensor) -> Tensor:
+        """Bank rows of the samples ``index`` (B,), as a float32 copy (B, C)."""
+        return self.bank[index].float()
+
+    @torch.no_grad()
+    def update(self, index: Tensor, probs: Tensor, epoch: int) -> None:
+        """Blend detached predictions ``probs`` (B, C) into the rows ``index`` (B,)."""
+        tau = self.tau(epoch)
+        old = self.bank[index].float()
+        self.bank[index] = ((1.0 - tau) * old + tau * probs.detach().float()).to(self.bank.dtype)
+
+
+class ConsistencyRegularizer(nn.Module):
+    """The weighted consistency term, ready to add to a teacher's loss.
+
+    Call it once per training step with the step's logits (B, C) and the samples' dataset indices
+    (B,); it returns ``weight(epoch) * consistency_loss`` and then updates the bank::
+
+        reg = ConsistencyRegularizer(len(train_set), num_classes, weight=1.0, num_epochs=E)
+        loss = F.cross_entropy(logits, y) + reg(logits, index, epoch)
+
+    ``epoch`` is 1-based; the weight follows ``schedule`` (see ``schedules.py``).
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, weight: float = 1.0,
+                 num_epochs: int = 1, schedule: str = "linear", start_epoch: int = 1,
+                 update: str = "reference", ema_decay: float = 0.9,
+                 bank_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; available: {', '.join(SCHEDULES)}")
+        self.weight = weight
+        self.num_epochs = num_epochs
+        self.schedule = schedule
+        self.start_epoch = start_epoch
+        self.bank = ConsistencyBank(num_samples, num_classes, update, ema_decay, bank_dtype)
+
+    def weight_at(self, epoch: int) -> float:
+        return schedule_weight(self.schedule, self.weight, epoch, self.num_epochs, self.start_epoch)
+
+    def forward(self, logits: Tensor, index: Tensor, epoch: int) -> Tensor:
+        probs = F.softmax(logits.float(), dim=1)
+        index = index.to(self.bank.bank.device)
+        if epoch == 1:
+            loss = logits.new_zeros(())
+        else:
+            target = self.bank.read(index).to(probs.device)
+            loss = self.weight_at(epoch) * consistency_loss(probs, target)
+        self.bank.update(index, probs.to(self.bank.bank.device), epoch)
+        return loss
