@@ -99,7 +99,6 @@ def test_non_finite_loss_stops_with_epoch_step_and_term(tmp_path):
     data = make_data()
     t = Trainer(make_model(), NanAtEpoch2(), data, TrainSettings(epochs=3, batch_size=8),
                 seed=0, run_dir=tmp_path, progress=False)
-    before = None
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1: bad=nan.*epoch 1"):
         t.fit()
     ckpt = safe_torch_load(tmp_path / "checkpoint.pt")

@@ -100,7 +100,8 @@ def train_teacher(model: nn.Module, train_set: Dataset, *, method: str = "soteac
                                         num_classes=num_classes, num_epochs=settings.epochs)
     trainer = Trainer(model, objective, train_set, settings, augment=augment, device=dev,
                       seed=seed, run_dir=run_dir, resume=resume, name=f"teacher[{method}]",
-                      evaluate=_make_eval(test_set, truth, dev), progress=progress)
+                      evaluate=_make_eval(test_set, truth, dev), progress=progress,
+                      num_classes=num_classes)
     return TrainResult(model, trainer.fit(), trainer.run_dir)
 
 
@@ -128,5 +129,6 @@ def distill(student: nn.Module, teacher: nn.Module, train_set: Dataset, *, metho
                                 num_samples=len(train_set), num_classes=num_classes)
     trainer = Trainer(student, objective, train_set, settings, augment=augment, device=dev,
                       seed=seed, run_dir=run_dir, resume=resume, name=f"student[{method}]",
-                      evaluate=_make_eval(test_set, truth, dev), progress=progress)
+                      evaluate=_make_eval(test_set, truth, dev), progress=progress,
+                      num_classes=num_classes)
     return TrainResult(student, trainer.fit(), trainer.run_dir)

@@ -6,7 +6,7 @@ command line is a thin layer over them.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import shutil
 import statistics
 import time
@@ -20,11 +20,10 @@ from torch import nn
 from .config import Config, ConfigError, ModelSpec, config_to_dict, validate
 from .data import DataBundle, OracleTeacher, build_dataset
 from .distillers import build_distiller
-from .engine.evaluate import evaluate, resolve_device
+from .engine.evaluate import evaluate, predict, resolve_device
 from .engine.io import CheckpointError, atomic_write_json, atomic_write_text, safe_torch_load
 from .engine.trainer import CHECKPOINT, METRICS, WEIGHTS, WEIGHTS_FORMAT, Trainer
 from .metrics import agreement
-from .engine.evaluate import predict
 from .models import create_model
 from .teachers import build_teacher_objective
 
@@ -143,7 +142,8 @@ def _train(cfg, data, model, objective, settings, run_dir, resume, progress, nam
                       augment=data.augment if cfg.data.augment else None, device=device,
                       seed=cfg.seed, run_dir=run_dir, resume=resume, evaluate=test_eval,
                       name=name, progress=progress, num_workers=cfg.data.num_workers,
-                      model_spec=spec)
+                      model_spec=spec, num_classes=data.num_classes,
+                      config=config_to_dict(cfg))
     trainer.fit()
 
 
@@ -179,11 +179,6 @@ def model_report(model: nn.Module, data: DataBundle, device: Any = None,
 
 
 DEMO_TEACHERS = ("standard", "soteacher")
-TEACHER_KEYS = ("test_acc", "test_nll", "test_ece", "train_acc", "train_nll", "train_ece",
-                "train_tv_true", "test_tv_true", "train_kl_true", "test_kl_true")
-STUDENT_KEYS = ("test_acc", "test_nll", "test_ece", "test_agreement", "test_tv_true",
-                "test_kl_true")
-
 
 def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
              log=print) -> dict[str, Any]:
@@ -230,7 +225,6 @@ def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
 
 
 def _with_seed(cfg: Config, seed: int) -> Config:
-    import dataclasses
     return dataclasses.replace(cfg, seed=seed)
 
 

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 QUICK_OVERRIDES = [
-    "data.options.num_train=600", "data.options.num_test=1000",
-    "teacher.train.epochs=8", "teacher.train.milestones=[6]",
-    "student.train.epochs=6", "student.train.milestones=[5]",
+    "data.options.num_train=1000", "data.options.num_test=1000",
+    "teacher.train.epochs=30", "teacher.train.milestones=[20,26]",
+    "student.train.epochs=20", "student.train.milestones=[14,18]",
 ]
 
 
@@ -77,7 +77,6 @@ def _load(args, phases: tuple[str, ...]):
 
 
 def cmd_demo(args) -> int:
-    from ..config import apply_overrides
     from ..pipeline import format_results, prepare_run_dir, run_demo
     if args.quick:
         args.overrides = QUICK_OVERRIDES + args.overrides

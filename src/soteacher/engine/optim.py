@@ -30,6 +30,8 @@ class TrainSettings:
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
     eval_every: int = 1                        # evaluate on the test set every N epochs (0: only at the end)
+    checkpoint_every: int = 0                  # also checkpoint every N steps inside an epoch (0: epoch ends only)
+    nonfinite: str = "error"                   # a NaN/inf loss: "error" stops, "skip" drops the step and counts it
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -46,6 +48,10 @@ class TrainSettings:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.nonfinite not in ("error", "skip"):
+            raise ValueError(f"nonfinite must be 'error' or 'skip', got {self.nonfinite!r}")
 
 
 def build_optimizer(params: Iterable[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:

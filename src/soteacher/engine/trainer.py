@@ -1,25 +1,28 @@
 """The one training loop, for teachers and students alike.
 
 Every step: augment the batch on the device, ask the objective for its named loss terms, sum them,
-step the optimiser. Every epoch: step the learning-rate schedule, evaluate, append a line to
-``metrics.jsonl`` and write a checkpoint holding the whole training state.
+step the optimiser. Every epoch (and, if asked, every few steps): evaluate, append a line to
+``metrics.jsonl`` and write a checkpoint holding the whole training state, so that a run killed
+at any moment resumes to the very same weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..objective import Objective
 from .evaluate import resolve_device
-from .io import atomic_torch_save, atomic_write_text, safe_torch_load, CheckpointError
+from .io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
 from .optim import TrainSettings, build_optimizer, learning_rate
 from .progress import Progress
 
@@ -39,9 +42,11 @@ class Trainer:
 
     ``evaluate`` (optional) maps the model to a dict of metrics logged each ``eval_every`` epochs
     and after the last. With a ``run_dir`` the trainer writes ``metrics.jsonl``, a checkpoint
-    after every epoch and the final weights ``model.pt``; ``resume=True`` continues from the
-    checkpoint there. ``model_spec`` (registry name and options) is stored with the weights so
-    they can be rebuilt by name.
+    after every epoch (and every ``checkpoint_every`` steps) and the final weights ``model.pt``;
+    ``resume=True`` continues from the checkpoint there. ``model_spec`` (registry name and
+    options) is stored with the weights so they can be rebuilt by name; ``config`` (the resolved
+    run config) is stored in every checkpoint. With ``num_classes`` every batch's labels are
+    checked to lie in ``[0, num_classes)``.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_set: Dataset,
@@ -50,7 +55,8 @@ class Trainer:
                  run_dir: str | Path | None = None, resume: bool = False,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  name: str = "train", progress: bool = True, num_workers: int = 0,
-                 model_spec: dict[str, Any] | None = None) -> None:
+                 model_spec: dict[str, Any] | None = None, num_classes: int | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         settings.validate()
         if len(train_set) == 0:
             raise ValueError("the training set is empty")
@@ -70,55 +76,63 @@ class Trainer:
         self.evaluate_fn = evaluate
         self.num_workers = num_workers
         self.model_spec = model_spec
+        self.num_classes = num_classes
+        self.config = config
         self.progress = Progress(name, settings.epochs, enabled=progress)
         own = {id(p) for p in self.model.parameters()}
         extra = [p for p in self.objective.parameters() if p.requires_grad and id(p) not in own]
         self.optimizer = build_optimizer(list(self.model.parameters()) + extra, settings)
-        self.epoch = 0              # epochs completed
+        self.epoch = 0                 # epochs completed
+        self.step = 0                  # steps completed inside epoch `self.epoch + 1`
         self.history: list[dict[str, Any]] = []
+        self._partial: dict[str, Any] | None = None   # running sums of the unfinished epoch
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
+            "step": self.step,
+            "partial": self._partial,
             "seed": self.seed,
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng,
+            "rng": _rng_state(),
             "history": [json.dumps(r) for r in self.history],
+            "config": json.dumps(self.config) if self.config is not None else None,
             "versions": {"torch": str(torch.__version__), "soteacher": _version()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"not a soteacher training checkpoint (format "
-                                  f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"not a soteacher training checkpoint (format {found!r}, "
+                                  f"expected {CHECKPOINT_FORMAT!r})")
         try:
             self.model.load_state_dict(state["model"])
             self.objective.load_state_dict(state["objective"])
         except RuntimeError as e:
-            raise CheckpointError(f"the checkpoint does not fit this model/objective: {e}") from None
+            raise CheckpointError(f"the checkpoint does not fit this model/objective (was it "
+                                  f"written with another config?): {e}") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        _set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
+        self.step = int(state.get("step", 0))
+        self._partial = state.get("partial")
         self.history = [json.loads(r) for r in state["history"]]
 
     # ---- data --------------------------------------------------------------------------------
-    def _batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        # The order depends only on (seed, epoch): a resumed run sees the same batches.
+    def _batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        # The order depends only on (seed, epoch): a resumed run sees the same batches, and
+        # skipping the ones already done costs nothing.
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n, b = len(self.train_set), self.s.batch_size
         perm = torch.randperm(n, generator=g)
         if n % b == 1:
             # A last batch of one sample breaks batch norm in training mode; drop it.
             perm = perm[:-1]
+        perm = perm[start_step * b:]
         ds = self.train_set
         if hasattr(ds, "x") and hasattr(ds, "y"):
             for i in range(0, len(perm), b):
@@ -150,11 +164,11 @@ class Trainer:
             if self.evaluate_fn is not None and (
                     epoch == E or (self.s.eval_every and epoch % self.s.eval_every == 0)):
                 record.update(self.evaluate_fn(self.model))
-            self.epoch = epoch
+            self.epoch, self.step, self._partial = epoch, 0, None
             self.history.append(record)
             self.progress.epoch_end(record)
             if self.run_dir is not None:
-                self._write_epoch(record)
+                self._write_checkpoint()
         if self.run_dir is not None:
             self.save_weights(self.run_dir / WEIGHTS)
         return self.history
@@ -167,11 +181,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         steps = self.steps_per_epoch()
-        sums: dict[str, Tensor] = {}
-        correct = torch.zeros((), device=self.device)
-        seen = 0
-        t0 = time.perf_counter()
-        for step, (x, y, idx) in enumerate(self._batches(epoch), start=1):
+        # Running sums stay on the device (no sync per step) and are saved with mid-epoch
+        # checkpoints so that a resumed epoch logs the same averages.
+        p = self._partial or {"sums": {}, "correct": 0, "seen": 0, "skipped": 0, "time": 0.0}
+        sums = {k: torch.tensor(v, device=self.device) for k, v in p["sums"].items()}
+        correct = torch.tensor(p["correct"], device=self.device)
+        seen, skipped = p["seen"], p["skipped"]
+        t0 = time.perf_counter() - p["time"]
+        for step, (x, y, idx) in enumerate(self._batches(epoch, self.step), start=self.step + 1):
+            self._check_labels(y, idx)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             idx = idx.to(self.device, non_blocking=True)
@@ -180,33 +198,59 @@ class Trainer:
                     x = self.augment(x)
             out = self.objective(self.model, x, y, idx)
             loss = sum(out.losses.values())
-            if not torch.isfinite(loss):
-                self._raise_non_finite(epoch, step, out.losses)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            for k, v in out.losses.items():
-                sums[k] = sums.get(k, 0) + v.detach() * len(y)
-            correct += (out.logits.detach().argmax(1) == y).sum()
-            seen += len(y)
+            if not torch.isfinite(loss):
+                if self.s.nonfinite == "error":
+                    self._raise_non_finite(epoch, step, out.losses)
+                skipped += 1
+            else:
+                loss.backward()
+                self.optimizer.step()
+                for k, v in out.losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() * len(y)
+                correct += (out.logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+            self.step = step
             self.progress.step(epoch, step, steps)
-        terms = {k: float(v) / seen for k, v in sums.items()}
-        return {"epoch": epoch, "lr": lr, "loss": sum(terms.values()),
-                **{f"loss_{k}": v for k, v in terms.items()},
-                "train_acc": float(correct) / seen,
-                "epoch_time": time.perf_counter() - t0}
+            if (self.run_dir is not None and self.s.checkpoint_every
+                    and step % self.s.checkpoint_every == 0 and step < steps):
+                self._partial = {"sums": {k: float(v) for k, v in sums.items()},
+                                 "correct": int(correct), "seen": seen, "skipped": skipped,
+                                 "time": time.perf_counter() - t0}
+                self._write_checkpoint()
+        terms = {k: float(v) / max(seen, 1) for k, v in sums.items()}
+        record = {"epoch": epoch, "lr": lr, "loss": sum(terms.values()),
+                  **{f"loss_{k}": v for k, v in terms.items()},
+                  "train_acc": float(correct) / max(seen, 1),
+                  "epoch_time": time.perf_counter() - t0}
+        if self.s.nonfinite == "skip":
+            record["skipped_steps"] = skipped
+        return record
+
+    def _check_labels(self, y: Tensor, idx: Tensor) -> None:
+        if self.num_classes is None:
+            return
+        bad = (y < 0) | (y >= self.num_classes)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"label {int(y[i])} of sample {int(idx[i])} is outside "
+                             f"[0, {self.num_classes}); labels must be class indices "
+                             f"0..{self.num_classes - 1}")
 
     def _raise_non_finite(self, epoch: int, step: int, losses: dict[str, Tensor]) -> None:
         bad = [f"{k}={float(v.detach())}" for k, v in losses.items() if not torch.isfinite(v)]
-        where = (f"the last good checkpoint (epoch {self.epoch}) is {self.run_dir / CHECKPOINT}"
-                 if self.run_dir is not None and self.epoch > 0 else "no checkpoint was written yet")
+        where = (f"the last good checkpoint (epoch {self.epoch}, step {self.step}) is "
+                 f"{self.run_dir / CHECKPOINT}"
+                 if self.run_dir is not None and (self.epoch or self.step)
+                 else "no checkpoint was written yet")
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {step}: {', '.join(bad) or 'total'}; "
-            f"{where}. Lower the learning rate or the loss weights, or check the data for NaNs.")
+            f"{where}. Lower the learning rate or the loss weights, check the data for NaNs, "
+            f"or set train.nonfinite=skip to drop such steps.")
 
     # ---- files -------------------------------------------------------------------------------
-    def _write_epoch(self, record: dict[str, Any]) -> None:
-        # Checkpoint first: if we die between the two writes, the metrics log is rebuilt from it.
+    def _write_checkpoint(self) -> None:
+        # Checkpoint first: if we die between the two writes, the log is rebuilt from it.
         atomic_torch_save(self.state_dict(), self.run_dir / CHECKPOINT)
         atomic_write_text(self.run_dir / METRICS,
                           "".join(json.dumps(r) + "\n" for r in self.history))
@@ -216,8 +260,10 @@ class Trainer:
         if path is None or not path.is_file():
             raise CheckpointError(f"nothing to resume: no {CHECKPOINT} in {self.run_dir}; "
                                   f"start the run without --resume")
+        for stale in self.run_dir.glob(".*.tmp"):
+            stale.unlink()      # a write cut short by the crash; the real files are intact
         self.load_state_dict(safe_torch_load(path, map_location=self.device))
-        if self.epoch > self.s.epochs:
+        if self.epoch > self.s.epochs or (self.epoch == self.s.epochs and self.step):
             raise CheckpointError(f"the checkpoint is at epoch {self.epoch}, beyond the "
                                   f"{self.s.epochs} epochs asked for")
 
@@ -229,6 +275,30 @@ def save_weights(model: nn.Module, path: str | Path, spec: dict[str, Any] | None
     """Write the model's weights (and, if known, how to rebuild it) atomically to ``path``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save({"format": WEIGHTS_FORMAT, "spec": spec, "state_dict": state}, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every random state a run may draw on, in types that ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        v, internal, gauss = state["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _version() -> str:

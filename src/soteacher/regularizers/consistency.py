@@ -84,7 +84,11 @@ class ConsistencyBank(nn.Module):
         """Blend detached predictions ``probs`` (B, C) into the rows ``index`` (B,)."""
         tau = self.tau(epoch)
         old = self.bank[index].float()
-        self.bank[index] = ((1.0 - tau) * old + tau * probs.detach().float()).to(self.bank.dtype)
+        probs = probs.detach().float()
+        # A row with NaN/inf (a step the trainer will skip) must not poison the bank.
+        finite = torch.isfinite(probs).all(dim=1, keepdim=True)
+        new = torch.where(finite, (1.0 - tau) * old + tau * probs, old)
+        self.bank[index] = new.to(self.bank.dtype)
 
 
 class ConsistencyRegularizer(nn.Module):
