@@ -54,9 +54,26 @@ def test_mean_and_ema_banks():
 
 
 def test_bank_tau_values():
-    assert [ConsistencyBank(1, 1).tau(k) for k in (1, 2, 3)] == pytest.approx([1, 1 / 3, 1 / 4])
-    assert [ConsistencyBank(1, 1, "mean").tau(k) for k in (1, 2, 3)] == pytest.approx([1, 1 / 2, 1 / 3])
-    assert ConsistencyBank(1, 1, "ema", ema_decay=0.9).tau(5) == pytest.approx(0.1)
+    # one update per epoch: count = k - 1 before epoch k
+    assert [ConsistencyBank(1, 1).tau(k, k - 1) for k in (1, 2, 3)] == pytest.approx([1, 1 / 3, 1 / 4])
+    assert [ConsistencyBank(1, 1, "mean").tau(k, k - 1) for k in (1, 2, 3)] == pytest.approx([1, 1 / 2, 1 / 3])
+    assert ConsistencyBank(1, 1, "ema", ema_decay=0.9).tau(5, 4) == pytest.approx(0.1)
+    # a sample's first update takes the prediction whole, whatever the epoch
+    assert ConsistencyBank(1, 1).tau(4, 0) == 1.0
+
+
+def test_sample_first_seen_after_epoch_1():
+    reg = ConsistencyRegularizer(N, C, num_epochs=3)
+    p = F.softmax(torch.randn(N, C), 1)
+    reg(torch.log(p[:4]), torch.arange(4), 1)                 # sample 4 is not visited
+    logits = torch.randn(N, C)
+    loss = reg(logits, torch.arange(N), 2)
+    q = F.softmax(logits, 1)
+    # sample 4 has no past prediction: it adds nothing (but still counts in the batch mean)
+    expected = (2 / 3) * ((q[:4] - p[:4]) ** 2).sum(1).sum() / N
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(reg.bank.bank[4], q[4], atol=1e-6)  # taken whole
+    assert reg.bank.count.tolist() == [2, 2, 2, 2, 1]
 
 
 def test_only_addressed_rows_change():

@@ -21,7 +21,8 @@ from .config import Config, ConfigError, ModelSpec, config_to_dict, validate
 from .data import DataBundle, OracleTeacher, build_dataset
 from .distillers import build_distiller
 from .engine.evaluate import evaluate, predict, resolve_device
-from .engine.io import CheckpointError, atomic_write_json, atomic_write_text, safe_torch_load
+from .engine.io import (CheckpointError, atomic_write_json, atomic_write_text, safe_torch_load,
+                        state_dict_mismatch)
 from .engine.trainer import CHECKPOINT, METRICS, WEIGHTS, WEIGHTS_FORMAT, Trainer
 from .metrics import agreement
 from .models import create_model
@@ -72,10 +73,11 @@ def load_model(path: str | Path, map_location: Any = "cpu") -> nn.Module:
                               f"build the model yourself and call model.load_state_dict(...)")
     model = create_model(spec["name"], num_classes=spec["num_classes"],
                          input_shape=tuple(spec["input_shape"]), **spec.get("options", {}))
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {path} do not fit model {spec['name']!r}: {e}") from None
+    problem = state_dict_mismatch(model.state_dict(), blob["state_dict"])
+    if problem:
+        raise CheckpointError(f"weights in {path} do not fit model {spec['name']!r} "
+                              f"({spec['num_classes']} classes): {problem}")
+    model.load_state_dict(blob["state_dict"])
     return model
 
 

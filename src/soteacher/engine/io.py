@@ -68,3 +68,17 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or truncated "
                               f"({str(e).splitlines()[0]})") from None
+
+
+def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any], limit: int = 4) -> str:
+    """A short description of how ``given`` differs from ``expected`` (empty if it fits)."""
+    problems = []
+    for k in expected:
+        if k not in given:
+            problems.append(f"{k} is missing from the file")
+        elif tuple(given[k].shape) != tuple(expected[k].shape):
+            problems.append(f"{k} has shape {tuple(given[k].shape)} in the file but "
+                            f"{tuple(expected[k].shape)} in the model")
+    problems += [f"{k} in the file is not in the model" for k in given if k not in expected]
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more

@@ -12,8 +12,15 @@ prediction: ``b_i <- (1 - tau) * b_i + tau * p_i``, where ``tau`` depends on the
 * ``"reference"`` (default, the reference code's rule): ``tau = 1`` in epoch 1 and ``1/(k+1)`` in
   epoch ``k >= 2``. The bank is a running mean of past epochs' predictions in which epoch 1
   counts twice.
-* ``"mean"``: ``tau = 1/k``, a clean running mean of all past epochs.
-* ``"ema"``: ``tau = 1`` in epoch 1, then ``1 - ema_decay``: an exponential moving average.
+* ``"mean"``: ``tau = 1/(m+1)`` for a sample updated ``m`` times before: a clean running mean of
+  all its past predictions.
+* ``"ema"``: ``tau = 1 - ema_decay``: an exponential moving average.
+
+A sample's first update always takes its prediction whole (``tau = 1``), and a sample with no
+past prediction adds no consistency loss. When every sample is visited in epoch 1, the normal
+case, this is exactly the reference behaviour; it also keeps every bank row a probability vector
+when some sample is first seen later (the reference would pull it toward a zero or a shrunken
+vector).
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ def consistency_loss(probs: Tensor, target: Tensor, reduction: str = "mean") -> 
 
 
 class ConsistencyBank(nn.Module):
-    """Per-sample bank of past predictions, (num_samples, num_classes), zero-initialised.
+    """Per-sample bank of past predictions, (num_samples, num_classes), zero-initialised, with a
+    per-sample update count.
 
-    The bank is a buffer, so it travels with ``.to(device)`` and is part of ``state_dict()``:
-    a resumed run restores it.
+    Both are buffers, so they travel with ``.to(device)`` and are part of ``state_dict()``:
+    a resumed run restores them.
     """
 
     def __init__(self, num_samples: int, num_classes: int, update: str = "reference",
@@ -62,33 +70,41 @@ class ConsistencyBank(nn.Module):
         self.update_rule = update
         self.ema_decay = ema_decay
         self.register_buffer("bank", torch.zeros(num_samples, num_classes, dtype=dtype))
+        self.register_buffer("count", torch.zeros(num_samples, dtype=torch.int32))
 
-    def tau(self, epoch: int) -> float:
-        """Weight of the new prediction in 1-based ``epoch``."""
+    def tau(self, epoch: int, count: Tensor | int = 1) -> Tensor | float:
+        """Weight of the new prediction in 1-based ``epoch`` for samples updated ``count`` times
+        before (a tensor of counts gives a tensor of weights)."""
         if epoch < 1:
             raise ValueError(f"epochs are counted from 1, got {epoch}")
-        if epoch == 1:
-            return 1.0
         if self.update_rule == "reference":
-            return 1.0 / (epoch + 1)
-        if self.update_rule == "mean":
-            return 1.0 / epoch
-        return 1.0 - self.ema_decay
+            rule = 1.0 if epoch == 1 else 1.0 / (epoch + 1)
+        elif self.update_rule == "ema":
+            rule = 1.0 - self.ema_decay
+        else:
+            rule = 1.0 / (torch.as_tensor(count) + 1.0)
+        first = torch.as_tensor(count) == 0
+        out = torch.where(first, torch.ones_like(first, dtype=torch.float32),
+                          torch.as_tensor(rule, dtype=torch.float32))
+        return out if isinstance(count, Tensor) else float(out)
 
-    def read(self, index: Tensor) -> Tensor:
-        """Bank rows of the samples ``index`` (B,), as a float32 copy (B, C)."""
-        return self.bank[index].float()
+    def read(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Bank rows of the samples ``index`` (B,) as a float32 copy (B, C), and a (B,) bool mask
+        of the rows that hold at least one past prediction."""
+        return self.bank[index].float(), self.count[index] > 0
 
     @torch.no_grad()
     def update(self, index: Tensor, probs: Tensor, epoch: int) -> None:
         """Blend detached predictions ``probs`` (B, C) into the rows ``index`` (B,)."""
-        tau = self.tau(epoch)
+        count = self.count[index]
+        tau = self.tau(epoch, count).to(probs.device)[:, None]
         old = self.bank[index].float()
         probs = probs.detach().float()
         # A row with NaN/inf (a step the trainer will skip) must not poison the bank.
-        finite = torch.isfinite(probs).all(dim=1, keepdim=True)
-        new = torch.where(finite, (1.0 - tau) * old + tau * probs, old)
+        finite = torch.isfinite(probs).all(dim=1)
+        new = torch.where(finite[:, None], (1.0 - tau) * old + tau * probs, old)
         self.bank[index] = new.to(self.bank.dtype)
+        self.count[index] = count + finite.to(count.dtype)
 
 
 class ConsistencyRegularizer(nn.Module):
@@ -125,7 +141,8 @@ class ConsistencyRegularizer(nn.Module):
         if epoch == 1:
             loss = logits.new_zeros(())
         else:
-            target = self.bank.read(index).to(probs.device)
-            loss = self.weight_at(epoch) * consistency_loss(probs, target)
+            target, seen = self.bank.read(index)
+            per_sample = consistency_loss(probs, target.to(probs.device), reduction="none")
+            loss = self.weight_at(epoch) * (per_sample * seen.to(probs.device)).mean()
         self.bank.update(index, probs.to(self.bank.bank.device), epoch)
         return loss
