@@ -68,16 +68,19 @@ def _infer_num_classes(model: nn.Module, dataset: Dataset) -> int:
     return int(out.shape[-1])
 
 
-def _make_eval(test_set: Dataset | None, truth: Any, device: torch.device):
+def _make_eval(test_set: Dataset | None, truth: Any, device: torch.device,
+               preprocess: nn.Module | None):
     if test_set is None:
         return None
     test_set = as_indexed(test_set)
-    return lambda model: evaluate(model, test_set, truth=truth, device=device, prefix="test_")
+    return lambda model: evaluate(model, test_set, truth=truth, device=device, prefix="test_",
+                                  preprocess=preprocess)
 
 
 def train_teacher(model: nn.Module, train_set: Dataset, *, method: str = "soteacher",
                   method_options: dict[str, Any] | None = None,
-                  augment: nn.Module | None = None, test_set: Dataset | None = None,
+                  augment: nn.Module | None = None, preprocess: nn.Module | None = None,
+                  test_set: Dataset | None = None,
                   truth: Any = None, device: str | torch.device | None = None, seed: int = 0,
                   run_dir: str | Path | None = None, resume: bool = False,
                   progress: bool = True, num_classes: int | None = None,
@@ -85,8 +88,8 @@ def train_teacher(model: nn.Module, train_set: Dataset, *, method: str = "soteac
     """Train ``model`` as a teacher with a teacher-training ``method`` ("standard", "soteacher", ...).
 
     ``train_set`` yields ``(x, y)`` or ``(x, y, index)``; the consistency bank of SoTeacher is
-    addressed by the index, so pairs are wrapped to add it. ``augment`` is applied to each batch on
-    the device. ``method_options`` go to the method (e.g. ``lipschitz_weight``,
+    addressed by the index, so pairs are wrapped to add it. ``augment`` (training only) and then
+    ``preprocess`` (training and evaluation) are applied to each batch on the device. ``method_options`` go to the method (e.g. ``lipschitz_weight``,
     ``consistency_weight``, ``consistency_schedule``); ``**train`` are ``TrainSettings`` fields
     (``epochs``, ``batch_size``, ``lr``, ``schedule``, ``milestones``, ...). With ``test_set`` the
     test metrics are logged every epoch; with ``truth`` (known p*) also the distance to it.
@@ -100,14 +103,15 @@ def train_teacher(model: nn.Module, train_set: Dataset, *, method: str = "soteac
                                         num_classes=num_classes, num_epochs=settings.epochs)
     trainer = Trainer(model, objective, train_set, settings, augment=augment, device=dev,
                       seed=seed, run_dir=run_dir, resume=resume, name=f"teacher[{method}]",
-                      evaluate=_make_eval(test_set, truth, dev), progress=progress,
-                      num_classes=num_classes)
+                      evaluate=_make_eval(test_set, truth, dev, preprocess), progress=progress,
+                      num_classes=num_classes, preprocess=preprocess)
     return TrainResult(model, trainer.fit(), trainer.run_dir)
 
 
 def distill(student: nn.Module, teacher: nn.Module, train_set: Dataset, *, method: str = "kd",
             options: dict[str, Any] | None = None, augment: nn.Module | None = None,
-            test_set: Dataset | None = None, truth: Any = None,
+            preprocess: nn.Module | None = None, test_set: Dataset | None = None,
+            truth: Any = None,
             device: str | torch.device | None = None, seed: int = 0,
             run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
             **train: Any) -> TrainResult:
@@ -129,6 +133,6 @@ def distill(student: nn.Module, teacher: nn.Module, train_set: Dataset, *, metho
                                 num_samples=len(train_set), num_classes=num_classes)
     trainer = Trainer(student, objective, train_set, settings, augment=augment, device=dev,
                       seed=seed, run_dir=run_dir, resume=resume, name=f"student[{method}]",
-                      evaluate=_make_eval(test_set, truth, dev), progress=progress,
-                      num_classes=num_classes)
+                      evaluate=_make_eval(test_set, truth, dev, preprocess), progress=progress,
+                      num_classes=num_classes, preprocess=preprocess)
     return TrainResult(student, trainer.fit(), trainer.run_dir)

@@ -139,13 +139,14 @@ def _train(cfg, data, model, objective, settings, run_dir, resume, progress, nam
     device = resolve_device(cfg.device)
     if run_dir is not None:
         save_config(cfg, run_dir)
-    test_eval = (lambda m: evaluate(m, data.test, device=device, prefix="test_"))
+    pre = data.preprocess
+    test_eval = (lambda m: evaluate(m, data.test, device=device, prefix="test_", preprocess=pre))
     trainer = Trainer(model, objective, data.train, settings,
                       augment=data.augment if cfg.data.augment else None, device=device,
                       seed=cfg.seed, run_dir=run_dir, resume=resume, evaluate=test_eval,
                       name=name, progress=progress, num_workers=cfg.data.num_workers,
                       model_spec=spec, num_classes=data.num_classes,
-                      config=config_to_dict(cfg))
+                      config=config_to_dict(cfg), preprocess=pre)
     trainer.fit()
 
 
@@ -155,7 +156,10 @@ def check_teacher_fits(teacher: nn.Module, data: DataBundle) -> None:
     teacher.eval()
     try:
         with torch.no_grad():
-            out = teacher(x.to(device))
+            x = x.to(device)
+            if data.preprocess is not None:
+                x = data.preprocess.to(device)(x)
+            out = teacher(x)
     except RuntimeError as e:
         raise ConfigError(f"the teacher cannot read this dataset's inputs of shape "
                           f"{tuple(data.input_shape)}: {str(e).splitlines()[0]}") from None
@@ -171,11 +175,13 @@ def model_report(model: nn.Module, data: DataBundle, device: Any = None,
     ``teacher``, the test-set agreement between the two."""
     device = resolve_device(device)
     out: dict[str, float] = {}
+    pre = data.preprocess
     for split, ds in (("train", data.train), ("test", data.test)):
-        out.update(evaluate(model, ds, truth=data.truth, device=device, prefix=f"{split}_"))
+        out.update(evaluate(model, ds, truth=data.truth, device=device, prefix=f"{split}_",
+                            preprocess=pre))
     if teacher is not None:
-        a = predict(model, data.test, device)["logits"]
-        b = predict(teacher, data.test, device)["logits"]
+        a = predict(model, data.test, device, preprocess=pre)["logits"]
+        b = predict(teacher, data.test, device, preprocess=pre)["logits"]
         out["test_agreement"] = agreement(a, b)
     return out
 

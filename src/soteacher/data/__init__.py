@@ -5,6 +5,13 @@ Builders are plain functions of keyword options (each with a default)::
     known_truth   synthetic shifted Gaussian mixture with known p*(y|x) (the SoTeacher testbed)
     mnist1d       MNIST-1D, generated locally with the ``mnist1d`` package
     digits        scikit-learn's 8x8 handwritten digits
+    cifar10       CIFAR-10 from the python-version archive or its folder (uint8 images)
+    cifar100      CIFAR-100, likewise
+    tiny_imagenet Tiny-ImageNet (200 classes, 64x64) from its folder, decoded with Pillow
+    imagenet      ImageNet from train/<class>/ and val/<class>/ folders, decoded with Pillow
+
+Image datasets keep uint8 pixels; their bundle's ``preprocess`` converts batches to normalised
+float on the device. ``soteacher.data.download.download`` fetches CIFAR-10/100.
 
 ``build_dataset(name, **options)`` calls the builder registered as ``name``.
 """
@@ -13,14 +20,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .augment import RandomCropPad, RandomFlip, RandomRoll
+from .augment import (Normalize, RandomCropPad, RandomFlip, RandomResizedCrop, RandomRoll,
+                      ToFloat)
 from .base import DATASETS, ArrayDataset, DataBundle, IndexedDataset
 from .known_truth import KnownTruthTask, OracleTeacher
 from . import digits as _digits, mnist1d as _mnist1d  # noqa: F401  (registers the builders)
+from .cifar import ImageArrayDataset, UnsafePickleError  # (registers cifar10, cifar100)
+from .download import ChecksumError, DatasetError  # the module stays soteacher.data.download
+from .imagefolder import ImageFolderDataset  # (registers tiny_imagenet, imagenet)
 
 __all__ = [
-    "DATASETS", "ArrayDataset", "DataBundle", "IndexedDataset", "KnownTruthTask", "OracleTeacher",
-    "RandomCropPad", "RandomFlip", "RandomRoll", "build_dataset", "list_datasets",
+    "DATASETS", "ArrayDataset", "ChecksumError", "DataBundle", "DatasetError", "ImageArrayDataset",
+    "ImageFolderDataset", "IndexedDataset", "KnownTruthTask", "Normalize", "OracleTeacher",
+    "RandomCropPad", "RandomFlip", "RandomResizedCrop", "RandomRoll", "ToFloat",
+    "UnsafePickleError", "build_dataset", "list_datasets",
 ]
 
 

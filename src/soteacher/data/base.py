@@ -99,8 +99,16 @@ class DataBundle:
     """Everything a run needs to know about a dataset.
 
     ``train`` and ``test`` yield ``(x, y, index)`` items. ``augment`` is applied by the trainer to
-    whole float batches (B, *input_shape) on the device, during training only. ``truth`` is set
-    only for data whose true label distribution p*(y|x) is known (``KnownTruthTask``).
+    whole batches (B, *input_shape) on the device, during training only. ``truth`` is set only for
+    data whose true label distribution p*(y|x) is known (``KnownTruthTask``).
+
+    ``preprocess`` is a deterministic batch transform applied on the device to every batch before
+    it reaches a model: in training (after ``augment``) and in evaluation alike. Image datasets
+    store uint8 pixels (N, C, H, W) and augment them as uint8; their ``preprocess`` converts to
+    float and normalises (``Normalize(mean, std)``). ``None`` (the default) means the items are
+    already model inputs, as for the float datasets. ``input_shape`` is the shape the model sees,
+    i.e. after ``augment`` and ``preprocess`` (it may differ from the stored items' shape, e.g.
+    ImageNet training images stored larger than the random crops taken from them).
     """
 
     name: str
@@ -110,3 +118,4 @@ class DataBundle:
     input_shape: tuple[int, ...]
     augment: nn.Module | None
     truth: KnownTruthTask | None = None
+    preprocess: nn.Module | None = None

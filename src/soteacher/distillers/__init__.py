@@ -2,28 +2,63 @@
 
 A distiller class takes the frozen ``teacher`` first; it may also declare the context arguments
 ``student``, ``num_samples`` and ``num_classes``; every other parameter is a user option.
+
+Logit-based: ``kd``, ``dkd``, ``dist`` (each with the option ``logit_standardize``).
+Feature-based (see :mod:`.common` for features, stage pairing and preliminary stages):
+``fitnet``, ``at``, ``sp``, ``cc``, ``vid``, ``rkd``, ``pkt``, ``ab``, ``ft``, ``fsp``, ``nst``,
+``crd``. Each class docstring names its paper and its defaults.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Sequence
 
 from torch import nn
 
 from ..objective import call_builder
 from ..registry import Registry
+from .ab import AB, ab_loss
+from .at import AT, at_loss, attention_map
 from .base import Distiller
-from .kd import KD, kd_loss
+from .cc import CC, cc_loss, correlation_matrix
+from .common import FeatureDistiller
+from .crd import CRD, crd_loss, nce_loss
+from .dist import DIST, dist_loss, dist_terms
+from .dkd import DKD, dkd_loss, dkd_terms
+from .fitnet import FitNet, fitnet_loss
+from .fsp import FSP, fsp_loss, fsp_matrix
+from .ft import FT, ft_loss
+from .kd import KD, kd_loss, standardize_logits
+from .nst import NST, nst_loss
+from .pkt import PKT, pkt_loss
+from .rkd import RKD, rkd_angle_loss, rkd_distance_loss, rkd_loss
+from .sp import SP, sp_loss
+from .vid import VID, vid_loss
 
 DISTILLERS = Registry("distiller")
-DISTILLERS.register("kd")(KD)
+for _name, _cls in (("kd", KD), ("dkd", DKD), ("dist", DIST), ("fitnet", FitNet), ("at", AT),
+                    ("sp", SP), ("cc", CC), ("vid", VID), ("rkd", RKD), ("pkt", PKT),
+                    ("ab", AB), ("ft", FT), ("fsp", FSP), ("nst", NST), ("crd", CRD)):
+    DISTILLERS.register(_name)(_cls)
 
 
 def build_distiller(method: str, teacher: nn.Module, options: dict[str, Any] | None = None, *,
                     student: nn.Module | None = None, num_samples: int | None = None,
-                    num_classes: int | None = None) -> Distiller:
-    """The distiller ``method`` around ``teacher``, with user ``options``."""
-    return call_builder(DISTILLERS.get(method), dict(options or {}), f"distiller {method!r}",
+                    num_classes: int | None = None,
+                    input_shape: Sequence[int] | None = None) -> Distiller:
+    """The distiller ``method`` around ``teacher``, with user ``options``.
+
+    ``input_shape`` (one sample's shape) is a default for the option of the same name of the
+    feature-based methods, which run both models once on a dummy input at construction; it is
+    only needed for models without an ``input_shape`` attribute (registered models have one).
+    """
+    cls = DISTILLERS.get(method)
+    options = dict(options or {})
+    if (input_shape is not None and "input_shape" not in options
+            and "input_shape" in inspect.signature(cls).parameters):
+        options["input_shape"] = tuple(input_shape)
+    return call_builder(cls, options, f"distiller {method!r}",
                         teacher=teacher, student=student, num_samples=num_samples,
                         num_classes=num_classes)
 
@@ -32,4 +67,11 @@ def list_distillers() -> list[str]:
     return DISTILLERS.names()
 
 
-__all__ = ["DISTILLERS", "Distiller", "KD", "build_distiller", "kd_loss", "list_distillers"]
+__all__ = [
+    "AB", "AT", "CC", "CRD", "DISTILLERS", "DIST", "DKD", "Distiller", "FSP", "FT",
+    "FeatureDistiller", "FitNet", "KD", "NST", "PKT", "RKD", "SP", "VID", "ab_loss", "at_loss",
+    "attention_map", "build_distiller", "cc_loss", "correlation_matrix", "crd_loss", "dist_loss",
+    "dist_terms", "dkd_loss", "dkd_terms", "fitnet_loss", "fsp_loss", "fsp_matrix", "ft_loss",
+    "kd_loss", "list_distillers", "nce_loss", "nst_loss", "pkt_loss", "rkd_angle_loss",
+    "rkd_distance_loss", "rkd_loss", "sp_loss", "standardize_logits", "vid_loss",
+]

@@ -1,4 +1,8 @@
-"""Knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a Neural Network")."""
+"""Knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a Neural Network").
+
+Also home of :func:`standardize_logits` (Sun et al., CVPR 2024, "Logit Standardization in
+Knowledge Distillation"), the ``logit_standardize`` option of every logit-based distiller.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,18 @@ from torch import Tensor, nn
 
 from ..objective import StepOutput
 from .base import Distiller
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Z-score each row of ``logits`` (B, C): ``(z - mean(z)) / (std(z) + eps)``.
+
+    Sun et al. (2024) apply this to teacher and student logits before the temperature softmax,
+    so the student matches the teacher's logit *relations* rather than their range. ``std`` is
+    the unbiased (n - 1) standard deviation over classes, as in the authors' code.
+    """
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (std + eps)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
@@ -33,11 +49,12 @@ class KD(Distiller):
     """Hinton KD: ``ce_weight * CE(s, y) + kl_weight * kd_loss(s, t, T)``.
 
     Defaults follow the SoTeacher paper's scripts: T = 4, weights 0.5 / 0.5 (RepDistiller uses
-    0.1 / 0.9).
+    0.1 / 0.9). ``logit_standardize=True`` z-scores both logits (:func:`standardize_logits`)
+    before the temperature softmax of the KD term (Sun et al., 2024); the CE term is unchanged.
     """
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, ce_weight: float = 0.5,
-                 kl_weight: float = 0.5) -> None:
+                 kl_weight: float = 0.5, logit_standardize: bool = False) -> None:
         super().__init__(teacher)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -47,12 +64,16 @@ class KD(Distiller):
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.kl_weight = kl_weight
+        self.logit_standardize = bool(logit_standardize)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
         logits = model(x)
         with torch.no_grad():
             teacher_logits = self.teacher(x)
+        s, t = logits, teacher_logits
+        if self.logit_standardize:
+            s, t = standardize_logits(s), standardize_logits(t)
         return StepOutput(logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, y),
-            "kd": self.kl_weight * kd_loss(logits, teacher_logits, self.temperature),
+            "kd": self.kl_weight * kd_loss(s, t, self.temperature),
         })

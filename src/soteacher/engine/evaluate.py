@@ -36,11 +36,13 @@ def iterate_eval(dataset: Dataset, batch_size: int):
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, device: torch.device | str | None = None,
-            batch_size: int = 1024, truth: Any = None) -> dict[str, Tensor]:
+            batch_size: int = 1024, truth: Any = None,
+            preprocess: nn.Module | None = None) -> dict[str, Tensor]:
     """Logits (N, C) and labels (N,) of ``model`` in eval mode, without augmentation.
 
-    With ``truth`` (an object with ``log_prob(x) -> (B, C)``) also ``log_p_true`` (N, C).
-    The model's train/eval mode is restored afterwards.
+    ``preprocess`` (e.g. uint8 -> normalised float) is applied to each batch on the device. With
+    ``truth`` (an object with ``log_prob(x) -> (B, C)``) also ``log_p_true`` (N, C), computed on
+    the raw inputs. The model's train/eval mode is restored afterwards.
     """
     device = resolve_device(device)
     was_training = model.training
@@ -49,10 +51,12 @@ def predict(model: nn.Module, dataset: Dataset, device: torch.device | str | Non
     try:
         for x, y in iterate_eval(dataset, batch_size):
             x = x.to(device)
-            logits.append(model(x).float().cpu())
-            ys.append(torch.as_tensor(y).long())
             if truth is not None:
                 truths.append(truth.log_prob(x).float().cpu())
+            if preprocess is not None:
+                x = preprocess.to(device)(x)
+            logits.append(model(x).float().cpu())
+            ys.append(torch.as_tensor(y).long())
     finally:
         model.train(was_training)
     out = {"logits": torch.cat(logits), "y": torch.cat(ys)}
@@ -63,10 +67,10 @@ def predict(model: nn.Module, dataset: Dataset, device: torch.device | str | Non
 
 def evaluate(model: nn.Module, dataset: Dataset, truth: Any = None,
              device: torch.device | str | None = None, batch_size: int = 1024,
-             prefix: str = "") -> dict[str, float]:
+             prefix: str = "", preprocess: nn.Module | None = None) -> dict[str, float]:
     """Top-1 accuracy, NLL and ECE (15 bins); with ``truth`` also the mean total-variation distance
     and KL(p* || model) to the true label distribution. Keys are prefixed with ``prefix``."""
-    pred = predict(model, dataset, device, batch_size, truth)
+    pred = predict(model, dataset, device, batch_size, truth, preprocess)
     out = M.classification_metrics(pred["logits"], pred["y"])
     if truth is not None:
         out.update(M.truth_metrics(pred["logits"], pred["log_p_true"]))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 SCHEDULES = ("step", "cosine", "constant")
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -32,6 +33,9 @@ class TrainSettings:
     eval_every: int = 1                        # evaluate on the test set every N epochs (0: only at the end)
     checkpoint_every: int = 0                  # also checkpoint every N steps inside an epoch (0: epoch ends only)
     nonfinite: str = "error"                   # a NaN/inf loss: "error" stops, "skip" drops the step and counts it
+    amp: str = "off"                           # autocast: off | bf16 | fp16 (fp16 adds a grad scaler)
+    channels_last: bool = False                # NHWC memory format for 2-D conv nets
+    compile: bool = False                      # torch.compile the model
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -50,6 +54,8 @@ class TrainSettings:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"unknown amp mode {self.amp!r}; available: {', '.join(AMP_DTYPES)}")
         if self.nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {self.nonfinite!r}")
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..objective import Objective
 from .evaluate import resolve_device
 from .io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
-from .optim import TrainSettings, build_optimizer, learning_rate
+from .optim import AMP_DTYPES, TrainSettings, build_optimizer, learning_rate
 from .progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,7 +46,9 @@ class Trainer:
     ``resume=True`` continues from the checkpoint there. ``model_spec`` (registry name and
     options) is stored with the weights so they can be rebuilt by name; ``config`` (the resolved
     run config) is stored in every checkpoint. With ``num_classes`` every batch's labels are
-    checked to lie in ``[0, num_classes)``.
+    checked to lie in ``[0, num_classes)``. ``preprocess`` (e.g. uint8 -> normalised float) runs
+    on the device after ``augment``. In-memory datasets are copied to a CUDA device once when
+    they fit (``data_on_device``, default: when under 2 GiB), so batches never cross the bus.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_set: Dataset,
@@ -56,7 +58,8 @@ class Trainer:
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  name: str = "train", progress: bool = True, num_workers: int = 0,
                  model_spec: dict[str, Any] | None = None, num_classes: int | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, preprocess: nn.Module | None = None,
+                 data_on_device: bool | None = None) -> None:
         settings.validate()
         if len(train_set) == 0:
             raise ValueError("the training set is empty")
@@ -68,6 +71,13 @@ class Trainer:
         self.model = model.to(self.device)
         self.objective = objective.to(self.device)
         self.augment = augment.to(self.device) if augment is not None else None
+        self.preprocess = preprocess.to(self.device) if preprocess is not None else None
+        if settings.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # The objective calls the compiled module; the trainer keeps and saves the plain one.
+        self.forward_model = torch.compile(self.model) if settings.compile else self.model
+        self.amp_dtype = AMP_DTYPES[settings.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
         self.train_set = train_set
         self.s = settings
         self.seed = seed
@@ -86,6 +96,14 @@ class Trainer:
         self.step = 0                  # steps completed inside epoch `self.epoch + 1`
         self.history: list[dict[str, Any]] = []
         self._partial: dict[str, Any] | None = None   # running sums of the unfinished epoch
+        self._arrays = None
+        if hasattr(train_set, "x") and hasattr(train_set, "y"):
+            nbytes = train_set.x.nbytes + train_set.y.nbytes
+            if data_on_device is None:
+                data_on_device = self.device.type == "cuda" and nbytes < 2 * 1024**3
+            dev = self.device if data_on_device else torch.device("cpu")
+            self._arrays = (train_set.x.to(dev), train_set.y.to(dev))
+            self._check_labels(train_set.y, torch.arange(len(train_set)))   # once, up front
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -98,6 +116,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "history": [json.dumps(r) for r in self.history],
             "config": json.dumps(self.config) if self.config is not None else None,
@@ -116,6 +135,8 @@ class Trainer:
             raise CheckpointError(f"the checkpoint does not fit this model/objective (was it "
                                   f"written with another config?): {e}") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
         self.step = int(state.get("step", 0))
@@ -134,10 +155,12 @@ class Trainer:
             perm = perm[:-1]
         perm = perm[start_step * b:]
         ds = self.train_set
-        if hasattr(ds, "x") and hasattr(ds, "y"):
+        if self._arrays is not None:
+            xs, ys = self._arrays
+            perm = perm.to(xs.device)
             for i in range(0, len(perm), b):
                 idx = perm[i:i + b]
-                yield ds.x[idx], ds.y[idx], idx
+                yield xs[idx], ys[idx], idx
             return
         # Its own generator keeps the loader from drawing on the global RNG, which the
         # augmentations use: the two data paths then see identical randomness.
@@ -189,23 +212,31 @@ class Trainer:
         seen, skipped = p["seen"], p["skipped"]
         t0 = time.perf_counter() - p["time"]
         for step, (x, y, idx) in enumerate(self._batches(epoch, self.step), start=self.step + 1):
-            self._check_labels(y, idx)
+            if self._arrays is None:
+                self._check_labels(y, idx)     # CPU tensors from the loader: no sync
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             idx = idx.to(self.device, non_blocking=True)
-            if self.augment is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                if self.augment is not None:
                     x = self.augment(x)
-            out = self.objective(self.model, x, y, idx)
-            loss = sum(out.losses.values())
+                if self.preprocess is not None:
+                    x = self.preprocess(x)
+                if self.s.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                enabled=self.amp_dtype is not None):
+                out = self.objective(self.forward_model, x, y, idx)
+                loss = sum(out.losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 if self.s.nonfinite == "error":
                     self._raise_non_finite(epoch, step, out.losses)
                 skipped += 1
             else:
-                loss.backward()
-                self.optimizer.step()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 for k, v in out.losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() * len(y)
                 correct += (out.logits.detach().argmax(1) == y).sum()

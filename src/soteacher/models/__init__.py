@@ -18,6 +18,7 @@ feature-based distillers:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 from torch import Tensor, nn
@@ -126,10 +127,20 @@ def as_widths(widths: Sequence[int], what: str = "widths") -> tuple[int, ...]:
     return out
 
 
-def create_model(name: str, num_classes: int, input_shape: tuple[int, ...],
+def create_model(name: str, num_classes: int, input_shape: Sequence[int] | None = None,
                  **options: Any) -> nn.Module:
-    """Build a registered model; unknown names raise ``KeyError`` listing the available ones."""
+    """Build a registered model; unknown names raise ``KeyError`` listing the available ones.
+
+    ``input_shape=None`` uses the factory's default (e.g. ``(3, 32, 32)`` for the CIFAR models);
+    a factory without one (``mlp``, ``cnn1d``, ...) then raises ``ValueError``.
+    """
     factory = MODELS.get(name)
+    if input_shape is None:
+        param = inspect.signature(factory).parameters.get("input_shape")
+        if param is None or param.default is inspect.Parameter.empty:
+            raise ValueError(f"model {name!r} has no default input_shape; pass one, e.g. "
+                             f"input_shape=(1, 40)")
+        input_shape = param.default
     return factory(num_classes=num_classes, input_shape=as_shape(input_shape), **options)
 
 
@@ -138,7 +149,7 @@ def list_models() -> list[str]:
 
 
 # Imported last: the submodules register themselves into MODELS defined above.
-from . import cnn, mlp  # noqa: E402,F401
+from . import mobilenetv2, resnet_cifar, resnet_imagenet, shufflenet, vgg, wrn  # noqa: E402,F401
 from .cnn import ConvNet, cnn1d, cnn2d  # noqa: E402
 from .mlp import MLP, mlp  # noqa: E402
 

@@ -1,0 +1,332 @@
+"""Shared machinery of the feature-based distillers.
+
+:class:`FeatureDistiller` is the base of every method that compares intermediate features. It
+
+* reads features of any model through :func:`soteacher.models.features.get_features`
+  (``forward_features`` of registered models, or forward hooks on the modules named by the
+  ``teacher_layers`` / ``student_layers`` options);
+* infers every feature shape at construction by running teacher and student once, in eval mode
+  and without gradients, on a zero dummy batch of ``input_shape`` (an option; by default the
+  ``input_shape`` attribute that registered models carry), so that learnable connectors exist
+  before the optimiser is built and a mismatch between the two networks fails early;
+* returns ``ce_weight * CE + kd_weight * KD(T) + <the method's own weighted terms>``; the KD term
+  is left out while ``kd_weight`` is 0, its default for every feature method (RepDistiller runs
+  them with ``-r 1 -a 0``);
+* optionally runs a preliminary stage (``init_epochs``, for AB, FSP and FT, whose reference
+  code trains a part of the model before distillation proper) inside the same training run:
+  during epochs ``1..init_epochs`` only the method's preliminary loss terms are returned. The
+  default ``init_epochs=None`` scales RepDistiller's 30 preliminary epochs (before a 240-epoch
+  run) to the run: ``num_epochs // 8``, but at least 1 in runs of two epochs or more (and 0 in
+  a one-epoch run).
+
+Stage pairing. When teacher and student report different numbers of stages, they are aligned
+from the deepest: the last ``k = min(n_teacher, n_student)`` stages of each are paired in order.
+Pick other stages with ``teacher_layers`` / ``student_layers`` (for registered models too, e.g.
+``["stages.0", "stages.2"]``).
+
+Spatial sizes. Features are ``(B, C, *spatial)``: ``(B, C)`` for an MLP, ``(B, C, L)`` for a 1-D
+CNN, ``(B, C, H, W)`` for a 2-D CNN. Two paired maps with the same number of spatial axes but
+different sizes are compared after adaptive average pooling of the larger to the smaller size
+(RepDistiller does the same for AT, VID and NST). Maps with different numbers of spatial axes
+(a CNN teacher and an MLP student) are globally average pooled to vectors by FitNet and VID;
+AT, NST, AB, FT and FSP cannot pair them and raise a ``ValueError`` at construction. SP, CC,
+RKD, PKT and CRD compare batch relations or pooled features and work across architectures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.features import FeatureExtractor, layer_spec, model_device, model_dtype
+from ..objective import StepOutput
+from .base import Distiller
+from .kd import kd_loss
+
+#: Methods that can distil between a CNN teacher and an MLP student (named in error messages).
+CROSS_ARCHITECTURE = ("kd", "dkd", "dist", "fitnet", "sp", "cc", "vid", "rkd", "pkt", "crd")
+
+
+def check_weight(name: str, value: float) -> float:
+    """``value`` as a float if it is finite and >= 0, else a ``ValueError``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_positive(name: str, value: float) -> float:
+    v = check_weight(name, value)
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def check_reduction(per_sample: Tensor, reduction: str) -> Tensor:
+    """Reduce a per-sample loss (B,): ``"mean"`` -> scalar, ``"sum"`` -> scalar, ``"none"``."""
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
+
+
+# ---- shapes ------------------------------------------------------------------------------------
+def spatial_rank(shape: Sequence[int]) -> int:
+    """Number of spatial axes of a per-sample feature shape ``(C, *spatial)``."""
+    return len(shape) - 1
+
+
+def global_pool(x: Tensor) -> Tensor:
+    """(B, C, *spatial) -> (B, C) by averaging over the spatial axes; (B, C) is returned as is."""
+    return x.flatten(2).mean(dim=2) if x.dim() > 2 else x
+
+
+def adaptive_pool(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Adaptive average pooling of (B, C, *spatial) to ``size`` (1 to 3 spatial axes)."""
+    size = tuple(size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}.get(len(size))
+    if fn is None:
+        raise ValueError(f"cannot pool a feature with {len(size)} spatial axes")
+    return fn(x, size if len(size) > 1 else size[0])
+
+
+def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Pool the larger of two maps with the same number of spatial axes to the common size."""
+    common = tuple(min(p, q) for p, q in zip(a.shape[2:], b.shape[2:]))
+    return adaptive_pool(a, common), adaptive_pool(b, common)
+
+
+@dataclass
+class FeatureShapes:
+    """Per-sample shapes of one model's features: each stage ``(C, *spatial)``, pooled ``F``."""
+
+    stages: list[tuple[int, ...]]
+    pooled: int | None
+    num_classes: int
+
+
+def resolve_input_shape(input_shape: Sequence[int] | None, *models: nn.Module | None,
+                        method: str = "this distiller") -> tuple[int, ...]:
+    if input_shape is None:
+        for m in models:
+            found = getattr(m, "input_shape", None)
+            if found is not None:
+                input_shape = found
+                break
+    if input_shape is None:
+        raise ValueError(f"{method} must know the shape of one input sample to build its "
+                         f"learnable parts; pass the option input_shape (e.g. [1, 40])")
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be a sequence of ints, got {input_shape!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"input_shape must be non-empty with positive sizes, got {shape}")
+    return shape
+
+
+@torch.no_grad()
+def probe_shapes(extractor: FeatureExtractor, input_shape: tuple[int, ...],
+                 preact: bool) -> FeatureShapes:
+    """Run the model once in eval mode on two zero samples and record its feature shapes.
+
+    Eval mode and ``no_grad`` leave batch-norm statistics and parameters untouched; the model's
+    train/eval mode is restored afterwards.
+    """
+    model = extractor.model
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(2, *input_shape, device=model_device(model), dtype=model_dtype(model))
+        logits, feats = extractor(x, preact=preact)
+    finally:
+        model.train(was_training)
+    pooled = feats.get("pooled")
+    return FeatureShapes([tuple(f.shape[1:]) for f in feats["stages"]],
+                         None if pooled is None else int(pooled.shape[1]),
+                         int(logits.shape[-1]))
+
+
+def aligned_pairs(n_teacher: int, n_student: int) -> list[tuple[int, int]]:
+    """Stage index pairs ``(teacher, student)``: the last ``min(n_t, n_s)`` of each, in order."""
+    k = min(n_teacher, n_student)
+    return [(n_teacher - k + j, n_student - k + j) for j in range(k)]
+
+
+# ---- connectors --------------------------------------------------------------------------------
+def conv(rank: int, c_in: int, c_out: int, kernel_size: int = 1) -> nn.Module:
+    """A 'same'-padded convolution over ``rank`` spatial axes (``nn.Linear`` for rank 0)."""
+    if rank == 0:
+        return nn.Linear(c_in, c_out)
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(rank)
+    if cls is None:
+        raise ValueError(f"features with {rank} spatial axes are not supported")
+    return cls(c_in, c_out, kernel_size, padding=kernel_size // 2)
+
+
+def batch_norm(rank: int, channels: int) -> nn.Module:
+    return {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[rank](channels)
+
+
+def channel_view(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-channel vector (C,) to broadcast against ``like`` (B, C, *spatial)."""
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+# ---- the base class ------------------------------------------------------------------------------
+class FeatureDistiller(Distiller):
+    """Base class of the feature-based distillers (see the module docstring).
+
+    Subclasses set ``name`` (the registry name, for messages), optionally ``preact = True`` and
+    ``has_init_stage = True``, build their learnable parts from ``self.t_shapes`` /
+    ``self.s_shapes`` (and ``self.pairs``) in ``__init__``, and implement :meth:`distill_terms`
+    (and :meth:`init_terms` when they have a preliminary stage).
+    """
+
+    name = "feature"
+    preact = False
+    has_init_stage = False
+    #: fraction of the run used by the preliminary stage when ``init_epochs`` is None:
+    #: RepDistiller runs 30 preliminary epochs before a 240-epoch distillation.
+    init_fraction = 30 / 240
+
+    def __init__(self, teacher: nn.Module, student: nn.Module | None, *, ce_weight: float,
+                 kd_weight: float, temperature: float,
+                 teacher_layers: Sequence[str] | Mapping[str, Any] | None,
+                 student_layers: Sequence[str] | Mapping[str, Any] | None,
+                 input_shape: Sequence[int] | None, init_epochs: int | None = None) -> None:
+        super().__init__(teacher)
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.kd_weight = check_weight("kd_weight", kd_weight)
+        self.temperature = check_positive("temperature", temperature)
+        if init_epochs is not None and (isinstance(init_epochs, bool) or int(init_epochs) != init_epochs
+                                        or init_epochs < 0):
+            raise ValueError(f"init_epochs must be an int >= 0 or None, got {init_epochs!r}")
+        self.init_epochs = None if init_epochs is None else int(init_epochs)
+        if student is None:
+            raise ValueError(f"distiller {self.name!r} needs the student model to infer feature "
+                             f"shapes; pass student= to build_distiller")
+        self.teacher_spec = layer_spec(teacher_layers)
+        self.student_spec = layer_spec(student_layers)
+        t_ext = FeatureExtractor(teacher, **self.teacher_spec)
+        s_ext = FeatureExtractor(student, **self.student_spec)
+        shape = resolve_input_shape(input_shape, student, teacher, method=f"distiller {self.name!r}")
+        self.t_shapes = probe_shapes(t_ext, shape, self.preact)
+        self.s_shapes = probe_shapes(s_ext, shape, self.preact)
+        self.pairs = aligned_pairs(len(self.t_shapes.stages), len(self.s_shapes.stages))
+
+    # ---- helpers for subclasses --------------------------------------------------------------
+    def need_stages(self, minimum: int = 1) -> None:
+        """Raise unless both models report at least ``minimum`` stages."""
+        for who, shapes, opt in (("teacher", self.t_shapes, "teacher_layers"),
+                                 ("student", self.s_shapes, "student_layers")):
+            if len(shapes.stages) < minimum:
+                raise ValueError(f"distiller {self.name!r} needs at least {minimum} intermediate "
+                                 f"feature(s) of the {who}, which reports {len(shapes.stages)}; "
+                                 f"name them with the option {opt} (module names)")
+
+    def need_pooled(self) -> None:
+        for who, shapes, opt in (("teacher", self.t_shapes, "teacher_layers"),
+                                 ("student", self.s_shapes, "student_layers")):
+            if shapes.pooled is None:
+                raise ValueError(f"distiller {self.name!r} needs the pooled feature of the {who}, "
+                                 f"which has no nn.Linear; name the classifier with "
+                                 f"{opt}={{'pooled': '<module name>'}}")
+
+    def pair_layout(self, t_shape: tuple[int, ...], s_shape: tuple[int, ...],
+                    allow_global_pool: bool = False,
+                    min_rank: int = 0) -> tuple[int, tuple[int, ...]]:
+        """Spatial rank and common spatial size at which a teacher/student pair is compared.
+
+        Raises a ``ValueError`` naming the fix when the pair cannot be compared.
+        """
+        rt, rs = spatial_rank(t_shape), spatial_rank(s_shape)
+        if rt != rs:
+            if allow_global_pool:
+                return 0, ()
+            raise ValueError(
+                f"distiller {self.name!r} compares feature maps position by position and cannot "
+                f"pair the teacher feature of shape {t_shape} with the student feature of shape "
+                f"{s_shape} (different numbers of spatial axes, e.g. a CNN teacher and an MLP "
+                f"student); use a method that works across architectures "
+                f"({', '.join(CROSS_ARCHITECTURE)}) or pick comparable layers with "
+                f"teacher_layers / student_layers")
+        if rt < min_rank:
+            raise ValueError(f"distiller {self.name!r} needs feature maps with spatial axes "
+                             f"(CNN features), got teacher {t_shape} and student {s_shape}; use a "
+                             f"method that works on vectors ({', '.join(CROSS_ARCHITECTURE)})")
+        return rt, tuple(min(p, q) for p, q in zip(t_shape[1:], s_shape[1:]))
+
+    @staticmethod
+    def align(t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """Bring a teacher/student feature pair to a common layout (see :meth:`pair_layout`)."""
+        if t.dim() != s.dim():
+            return global_pool(t), global_pool(s)
+        return match_spatial(t, s)
+
+    # ---- stages ---------------------------------------------------------------------------------
+    def init_stage_epochs(self) -> int:
+        """Number of preliminary epochs of this run (0 for methods without one)."""
+        if not self.has_init_stage:
+            return 0
+        if self.init_epochs is not None:
+            return self.init_epochs
+        if self.num_epochs < 2:
+            return 0
+        # At least one preliminary epoch, and at least one epoch of distillation.
+        return max(1, int(self.num_epochs * self.init_fraction))
+
+    @property
+    def in_init_stage(self) -> bool:
+        return self.epoch <= self.init_stage_epochs()
+
+    def set_epoch(self, epoch: int, num_epochs: int) -> None:
+        super().set_epoch(epoch, num_epochs)
+        if self.has_init_stage and self.init_epochs is not None and self.init_epochs >= num_epochs:
+            raise ValueError(f"init_epochs={self.init_epochs} leaves no epoch for distillation in "
+                             f"a {num_epochs}-epoch run; lower init_epochs")
+
+    # ---- the step -------------------------------------------------------------------------------
+    def student_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return FeatureExtractor(model, **self.student_spec)(x, preact=self.preact)
+
+    def teacher_features(self, x: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        with torch.no_grad():
+            return FeatureExtractor(self.teacher, **self.teacher_spec)(x, preact=self.preact)
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
+        if self.in_init_stage:
+            return self.init_step(model, x, y, index)
+        s_logits, s_feats = self.student_features(model, x)
+        t_logits, t_feats = self.teacher_features(x)
+        losses = {"ce": self.ce_weight * F.cross_entropy(s_logits, y)}
+        if self.kd_weight > 0:
+            losses["kd"] = self.kd_weight * kd_loss(s_logits, t_logits, self.temperature)
+        losses.update(self.distill_terms(s_feats, t_feats, y, index))
+        return StepOutput(s_logits, losses)
+
+    def init_step(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
+        """A step of the preliminary stage: by default only :meth:`init_terms`."""
+        s_logits, s_feats = self.student_features(model, x)
+        _, t_feats = self.teacher_features(x)
+        return StepOutput(s_logits, self.init_terms(s_feats, t_feats))
+
+    def distill_terms(self, s_feats: dict[str, Any], t_feats: dict[str, Any], y: Tensor,
+                      index: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def init_terms(self, s_feats: dict[str, Any], t_feats: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
