@@ -64,6 +64,28 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered names, one per line")
     ls.add_argument("what", choices=["distillers", "models", "datasets", "teachers"])
+
+    data = sub.add_parser("data", help="fetch data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dl = data_sub.add_parser("download", help="download and verify cifar10 / cifar100")
+    dl.add_argument("name", choices=["cifar10", "cifar100"])
+    dl.add_argument("--root", type=Path, default=Path("data"), help="where the data goes")
+    dl.add_argument("--url", default=None, help="another source (a mirror, a file:// URL)")
+    dl.add_argument("--md5", default=None, help="checksum of the archive at --url")
+
+    bench = sub.add_parser("bench", help="measure speed")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    tp = bench_sub.add_parser("throughput", help="images/s of the full training step against "
+                                                 "pure compute, and SoTeacher's overhead")
+    tp.add_argument("--model", required=True)
+    tp.add_argument("--batch-size", type=int, default=64)
+    tp.add_argument("--steps", type=int, default=20, help="steps per timed loop")
+    tp.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median kept)")
+    tp.add_argument("--num-classes", type=int, default=100)
+    tp.add_argument("--device", default="cpu")
+    tp.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    tp.add_argument("--channels-last", action="store_true")
+    tp.add_argument("--json", action="store_true", help="end with one JSON line")
     return p
 
 
@@ -93,8 +115,8 @@ def cmd_train_teacher(args) -> int:
     from ..pipeline import build_data, model_report, prepare_run_dir, run_teacher
     from ..engine.io import atomic_write_json
     cfg = _load(args, ("teacher",))
+    data = build_data(cfg)          # before the run directory: a data error leaves nothing behind
     out = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    data = build_data(cfg)
     model = run_teacher(cfg, data, out, resume=args.resume, progress=not args.quiet)
     report = model_report(model, data, cfg.device)
     atomic_write_json(out / "summary.json", report)
@@ -153,6 +175,29 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from ..data.download import download
+    folder = download(args.name, args.root, url=args.url, md5=args.md5)
+    print(f"{args.name}: verified and extracted to {folder}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ..bench import throughput
+    r = throughput(args.model, batch_size=args.batch_size, steps=args.steps,
+                   device=args.device, num_classes=args.num_classes, amp=args.amp,
+                   channels_last=args.channels_last, repeats=args.repeats)
+    print(f"{r['model']} batch {r['batch_size']} on {r['device']} ({r['threads']} threads, "
+          f"amp {r['amp']}, channels_last {r['channels_last']})")
+    for k in ("pure", "standard", "soteacher"):
+        print(f"  {k:<10} {r[k + '_images_per_s']:10.1f} images/s")
+    print(f"  loop_efficiency    {r['loop_efficiency']:.3f}  (standard / pure)")
+    print(f"  soteacher_overhead {r['soteacher_overhead']:.3f}  (SoTeacher / standard step time)")
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
 def _print_metrics(report: dict) -> None:
     width = max(map(len, report))
     for k, v in report.items():
@@ -160,17 +205,18 @@ def _print_metrics(report: dict) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill,
-            "evaluate": cmd_evaluate, "list": cmd_list}
+            "evaluate": cmd_evaluate, "list": cmd_list, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ..data.download import DatasetError
     from ..engine.io import CheckpointError
     from ..engine.trainer import NonFiniteLossError
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, KeyError, CheckpointError, NonFiniteLossError, ImportError,
-            OSError) as e:
+    except (ValueError, KeyError, CheckpointError, NonFiniteLossError, ImportError, OSError,
+            DatasetError) as e:
         if os.environ.get("SOTEACHER_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -196,6 +196,12 @@ class Trainer:
             self.save_weights(self.run_dir / WEIGHTS)
         return self.history
 
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one whole epoch from its first step and return its record; nothing is written
+        (for benchmarks and custom schedules)."""
+        self.step, self._partial = 0, None
+        return self._train_epoch(epoch)
+
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         self.model.train()
         self.objective.train()
