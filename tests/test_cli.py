@@ -115,3 +115,26 @@ def test_distill_with_a_teacher_for_other_data_is_refused(tmp_path, capsys):
     assert main(["distill", "--teacher", str(tmp_path / "none"), "--out",
                  str(tmp_path / "s2"), *TINY]) == 2
     assert "no model weights" in capsys.readouterr().err
+
+
+def test_teacher_that_cannot_read_the_inputs(tmp_path, capsys):
+    t = tmp_path / "teacher"
+    assert main(["train-teacher", "--out", str(t), *TINY]) == 0
+    capsys.readouterr()
+    # a 1-D CNN teacher cannot read 8x8 images
+    rc = main(["distill", "--teacher", str(t), "--out", str(tmp_path / "s"), *TINY,
+               "--set", "data.name=digits", "--set", "data.options={}",
+               "--set", "student.model.name=mlp_small", "--set", "student.model.options={}"])
+    assert rc == 2
+    assert "cannot read this dataset's inputs of shape (1, 8, 8)" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_demo_needs_known_truth(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path / "d"), *TINY, "--set", "data.name=digits",
+               "--set", "data.options={}", "--set", "teacher.model.name=cnn2d_small",
+               "--set", "teacher.model.options={}", "--set", "student.model.name=mlp_small",
+               "--set", "student.model.options={}"])
+    assert rc == 2
+    assert "needs a dataset whose true label distribution is known" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -189,9 +189,10 @@ def model_report(model: nn.Module, data: DataBundle, device: Any = None,
 DEMO_TEACHERS = ("standard", "soteacher")
 
 def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
-             log=print) -> dict[str, Any]:
+             log=print, overwrite: bool = False) -> dict[str, Any]:
     """Standard vs SoTeacher teacher on known-truth data, a KD student from each (and from the
-    oracle p*), and a student without a teacher; ``seeds`` repetitions, mean and spread."""
+    oracle p*), and a student without a teacher; ``seeds`` repetitions, mean and spread.
+    Results go to ``out`` (prepared only once the inputs are known to be good)."""
     validate(cfg)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
@@ -199,6 +200,7 @@ def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
     if data.truth is None:
         raise ConfigError(f"the demo needs a dataset whose true label distribution is known; "
                           f"{cfg.data.name!r} has none (use data.name=known_truth)")
+    out = prepare_run_dir(out, overwrite=overwrite)
     save_config(cfg, out)
     t0 = time.perf_counter()
     per_seed: list[dict[str, dict[str, dict[str, float]]]] = []

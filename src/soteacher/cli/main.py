@@ -99,15 +99,15 @@ def _load(args, phases: tuple[str, ...]):
 
 
 def cmd_demo(args) -> int:
-    from ..pipeline import format_results, prepare_run_dir, run_demo
+    from ..pipeline import format_results, run_demo
     if args.quick:
         args.overrides = QUICK_OVERRIDES + args.overrides
     cfg = _load(args, ("teacher", "student", "distill"))
-    out = prepare_run_dir(args.out, overwrite=args.overwrite)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    results = run_demo(cfg, out, seeds=args.seeds, progress=not args.quiet, log=log)
+    results = run_demo(cfg, args.out, seeds=args.seeds, progress=not args.quiet, log=log,
+                       overwrite=args.overwrite)
     print(format_results(results))
-    print(f"\nresults: {out / 'results.json'} ({results['wall_time_s']:.0f}s)")
+    print(f"\nresults: {args.out / 'results.json'} ({results['wall_time_s']:.0f}s)")
     return 0
 
 
