@@ -137,3 +137,41 @@ def test_learning_rate_schedules():
     assert got == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
     c = TrainSettings(epochs=4, lr=1.0, schedule="cosine")
     assert [learning_rate(c, k) for k in (1, 2, 3)] == pytest.approx([1.0, 0.5 * (1 + 2**-0.5), 0.5])
+
+
+class CountAndAverage:
+    """A callback with state: counts epochs and averages the first layer's weight."""
+
+    def __init__(self):
+        self.n, self.avg, self.ended = 0, None, False
+
+    def on_epoch_end(self, trainer, epoch, record):
+        w = trainer.model[0].weight.detach().clone()
+        self.avg = w if self.avg is None else (self.avg * self.n + w) / (self.n + 1)
+        self.n += 1
+        record["callback_epochs"] = self.n
+
+    def on_fit_end(self, trainer):
+        self.ended = True
+
+    def state_dict(self):
+        return {"n": self.n, "avg": self.avg}
+
+    def load_state_dict(self, state):
+        self.n, self.avg = state["n"], state["avg"]
+
+
+def test_callbacks_run_every_epoch_and_resume_with_their_state(tmp_path):
+    cb = CountAndAverage()
+    t = trainer(tmp_path, epochs=3, callbacks=[cb])
+    original = t._train_epoch
+    t._train_epoch = lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e == 3 else original(e)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert cb.n == 2 and not cb.ended
+    cb2 = CountAndAverage()
+    hist = trainer(tmp_path, epochs=3, resume=True, callbacks=[cb2]).fit()
+    assert cb2.n == 3 and cb2.ended and [r["callback_epochs"] for r in hist] == [1, 2, 3]
+    ref = CountAndAverage()
+    trainer(tmp_path / "ref", epochs=3, callbacks=[ref]).fit()
+    assert torch.equal(ref.avg, cb2.avg)

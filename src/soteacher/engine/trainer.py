@@ -13,7 +13,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,19 @@ CHECKPOINT_FORMAT = "soteacher-checkpoint/1"
 WEIGHTS_FORMAT = "soteacher-model/1"
 
 
+class Callback(Protocol):
+    """Something to do at the end of every epoch (after evaluation, before the checkpoint),
+    e.g. weight averaging or keeping the best weights on a validation split.
+
+    ``on_epoch_end`` may add keys to ``record`` (the epoch's line in ``metrics.jsonl``). Optional
+    methods: ``on_fit_end(trainer)``, called once before the final weights are saved (it may
+    change ``trainer.model`` in place), and ``state_dict()`` / ``load_state_dict(state)``, saved
+    in every checkpoint so a resumed run continues where it stopped.
+    """
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict[str, Any]) -> None: ...
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stopped before the bad step was applied."""
 
@@ -49,6 +62,8 @@ class Trainer:
     checked to lie in ``[0, num_classes)``. ``preprocess`` (e.g. uint8 -> normalised float) runs
     on the device after ``augment``. In-memory datasets are copied to a CUDA device once when
     they fit (``data_on_device``, default: when under 2 GiB), so batches never cross the bus.
+    ``callbacks`` run after every epoch's evaluation and once before the final weights are saved
+    (see ``Callback``); their state goes into every checkpoint.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_set: Dataset,
@@ -59,7 +74,8 @@ class Trainer:
                  name: str = "train", progress: bool = True, num_workers: int = 0,
                  model_spec: dict[str, Any] | None = None, num_classes: int | None = None,
                  config: dict[str, Any] | None = None, preprocess: nn.Module | None = None,
-                 data_on_device: bool | None = None) -> None:
+                 data_on_device: bool | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
         settings.validate()
         if len(train_set) == 0:
             raise ValueError("the training set is empty")
@@ -84,6 +100,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
         self.evaluate_fn = evaluate
+        self.callbacks = list(callbacks)
         self.num_workers = num_workers
         self.model_spec = model_spec
         self.num_classes = num_classes
@@ -119,6 +136,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "history": [json.dumps(r) for r in self.history],
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
+                          for cb in self.callbacks],
             "config": json.dumps(self.config) if self.config is not None else None,
             "versions": {"torch": str(torch.__version__), "soteacher": _version()},
         }
@@ -142,6 +161,9 @@ class Trainer:
         self.step = int(state.get("step", 0))
         self._partial = state.get("partial")
         self.history = [json.loads(r) for r in state["history"]]
+        for cb, cb_state in zip(self.callbacks, state.get("callbacks") or []):
+            if cb_state is not None and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(cb_state)
 
     # ---- data --------------------------------------------------------------------------------
     def _batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -187,11 +209,16 @@ class Trainer:
             if self.evaluate_fn is not None and (
                     epoch == E or (self.s.eval_every and epoch % self.s.eval_every == 0)):
                 record.update(self.evaluate_fn(self.model))
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, record)
             self.epoch, self.step, self._partial = epoch, 0, None
             self.history.append(record)
             self.progress.epoch_end(record)
             if self.run_dir is not None:
                 self._write_checkpoint()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_fit_end"):
+                cb.on_fit_end(self)
         if self.run_dir is not None:
             self.save_weights(self.run_dir / WEIGHTS)
         return self.history
