@@ -1,10 +1,25 @@
-"""The distiller contract: an ``Objective`` for the student that holds a frozen teacher."""
+"""The distiller contract: an ``Objective`` for the student that holds a frozen teacher, and
+:func:`standardize_logits` (Sun et al., CVPR 2024, "Logit Standardization in Knowledge
+Distillation"), the ``logit_standardize`` option of every logit-based distiller."""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..objective import Objective
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Z-score each row of ``logits`` (B, C): ``(z - mean(z)) / (std(z) + eps)``.
+
+    Sun et al. (2024) apply this to teacher and student logits before the temperature softmax,
+    so the student matches the teacher's logit *relations* rather than their range. ``std`` is
+    the unbiased (n - 1) standard deviation over classes, as in the authors' code.
+    """
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (std + eps)
 
 
 class Distiller(Objective):
@@ -25,3 +40,14 @@ class Distiller(Objective):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    def logits(self, model: nn.Module, x: Tensor,
+               standardize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """The student's logits (B, C), and the student and teacher logits the loss compares,
+        z-scored per sample when ``standardize`` (logit standardisation, Sun et al. 2024)."""
+        logits = model(x)
+        with torch.no_grad():
+            t = self.teacher(x)
+        if not standardize:
+            return logits, logits, t
+        return logits, standardize_logits(logits), standardize_logits(t)

@@ -3,14 +3,12 @@ Teacher")."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..objective import StepOutput
 from .base import Distiller
 from .common import check_positive, check_weight
-from .kd import standardize_logits
 
 
 def pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -64,12 +62,7 @@ class DIST(Distiller):
         self.logit_standardize = bool(logit_standardize)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
-        logits = model(x)
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        s, t = logits, teacher_logits
-        if self.logit_standardize:
-            s, t = standardize_logits(s), standardize_logits(t)
+        logits, s, t = self.logits(model, x, self.logit_standardize)
         inter, intra = dist_terms(s, t, self.temperature)
         return StepOutput(logits, {"ce": self.ce_weight * F.cross_entropy(logits, y),
                                    "dist_inter": self.beta * inter,

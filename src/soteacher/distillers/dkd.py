@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from ..objective import StepOutput
 from .base import Distiller
 from .common import check_positive, check_reduction, check_weight
-from .kd import standardize_logits
 
 
 def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
@@ -83,12 +82,7 @@ class DKD(Distiller):
         return 1.0 if w <= 0 else min(self.epoch / w, 1.0)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
-        logits = model(x)
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        s, t = logits, teacher_logits
-        if self.logit_standardize:
-            s, t = standardize_logits(s), standardize_logits(t)
+        logits, s, t = self.logits(model, x, self.logit_standardize)
         tckd, nckd = dkd_terms(s, t, y, self.temperature)
         w = self.warmup_factor()
         return StepOutput(logits, {"ce": self.ce_weight * F.cross_entropy(logits, y),

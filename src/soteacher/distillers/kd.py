@@ -1,29 +1,12 @@
-"""Knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a Neural Network").
-
-Also home of :func:`standardize_logits` (Sun et al., CVPR 2024, "Logit Standardization in
-Knowledge Distillation"), the ``logit_standardize`` option of every logit-based distiller.
-"""
+"""Knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a Neural Network")."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..objective import StepOutput
-from .base import Distiller
-
-
-def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Z-score each row of ``logits`` (B, C): ``(z - mean(z)) / (std(z) + eps)``.
-
-    Sun et al. (2024) apply this to teacher and student logits before the temperature softmax,
-    so the student matches the teacher's logit *relations* rather than their range. ``std`` is
-    the unbiased (n - 1) standard deviation over classes, as in the authors' code.
-    """
-    mean = logits.mean(dim=-1, keepdim=True)
-    std = logits.std(dim=-1, keepdim=True)
-    return (logits - mean) / (std + eps)
+from .base import Distiller, standardize_logits  # noqa: F401  (re-exported)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
@@ -67,12 +50,7 @@ class KD(Distiller):
         self.logit_standardize = bool(logit_standardize)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
-        logits = model(x)
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        s, t = logits, teacher_logits
-        if self.logit_standardize:
-            s, t = standardize_logits(s), standardize_logits(t)
+        logits, s, t = self.logits(model, x, self.logit_standardize)
         return StepOutput(logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, y),
             "kd": self.kl_weight * kd_loss(s, t, self.temperature),
