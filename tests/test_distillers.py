@@ -689,3 +689,20 @@ def test_registry_lists_every_method():
                         "ab", "ft", "fsp", "nst", "crd"}
     for name in ALL:
         assert DISTILLERS.get(name).__doc__
+
+
+def test_api_distils_user_modules_with_named_layers():
+    """A plain user nn.Sequential pair, feature method, through the one-call API."""
+    import soteacher as st
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                            nn.Flatten(), nn.Linear(8, 3))
+    student = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                            nn.Flatten(), nn.Linear(4, 3))
+    pairs = [(torch.randn(1, 16), i % 3) for i in range(24)]
+    before = student[0].weight.detach().clone()
+    result = st.distill(student, teacher, pairs, method="fitnet", epochs=1, batch_size=8,
+                        options={"teacher_layers": ["1"], "student_layers": ["1"]},
+                        progress=False)
+    assert result.history[0]["loss_fitnet"] > 0
+    assert not torch.equal(before, student[0].weight)

@@ -117,8 +117,10 @@ def distill(student: nn.Module, teacher: nn.Module, train_set: Dataset, *, metho
             **train: Any) -> TrainResult:
     """Distil ``teacher`` into ``student`` with distillation algorithm ``method`` ("kd", ...).
 
-    The teacher is frozen and kept in eval mode. ``options`` go to the distiller (for KD:
-    ``temperature``, ``ce_weight``, ``kl_weight``); ``**train`` are ``TrainSettings`` fields.
+    The teacher is frozen and kept in eval mode. ``options`` go to the distiller (each one's
+    class docstring lists them; for KD: ``temperature``, ``ce_weight``, ``kl_weight``); feature
+    methods on your own models take ``teacher_layers`` / ``student_layers`` (module names).
+    ``**train`` are ``TrainSettings`` fields.
     """
     settings = train_settings(**train)
     train_set = as_indexed(train_set)
@@ -130,7 +132,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_set: Dataset, *, metho
         raise ValueError(f"the teacher predicts {t_classes} classes but the student "
                          f"{num_classes}; they must match")
     objective = build_distiller(method, teacher, options, student=student,
-                                num_samples=len(train_set), num_classes=num_classes)
+                                num_samples=len(train_set), num_classes=num_classes,
+                                input_shape=tuple(torch.as_tensor(train_set[0][0]).shape))
     trainer = Trainer(student, objective, train_set, settings, augment=augment, device=dev,
                       seed=seed, run_dir=run_dir, resume=resume, name=f"student[{method}]",
                       evaluate=_make_eval(test_set, truth, dev, preprocess), progress=progress,

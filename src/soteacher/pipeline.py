@@ -129,7 +129,8 @@ def run_student(cfg: Config, data: DataBundle, teacher: nn.Module | None, run_di
     else:
         objective = build_distiller(cfg.distill.method, teacher, cfg.distill.options,
                                     student=student, num_samples=len(data.train),
-                                    num_classes=data.num_classes)
+                                    num_classes=data.num_classes,
+                                    input_shape=tuple(data.input_shape))
     _train(cfg, data, student, objective, cfg.student.train, run_dir, resume, progress, name,
            model_spec(cfg.student.model, data))
     return student
