@@ -9,6 +9,7 @@ a teacher-training method, a distiller) by ``validate``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -21,8 +22,9 @@ import yaml
 from .engine.optim import TrainSettings
 
 __all__ = ["ConfigError", "Config", "DataSpec", "ModelSpec", "TeacherSpec", "StudentSpec",
-           "DistillSpec", "TrainSettings", "load_config", "apply_overrides", "config_to_dict",
-           "validate", "default_config_path"]
+           "DistillSpec", "TrainSettings", "ExperimentSpec", "ExperimentConfig", "load_config",
+           "load_experiment_config", "apply_overrides", "config_to_dict", "validate",
+           "default_config_path"]
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,7 @@ class DataSpec:
     options: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
     num_workers: int = 0
+    val_fraction: float = 0.0      # held out of the training set (seeded by the run's seed)
 
 
 @dataclass
@@ -71,6 +74,43 @@ class Config:
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
+
+
+@dataclass
+class ExperimentSpec:
+    """The grid of ``soteacher experiment``: teacher methods x distillers x seeds (x pairs).
+
+    ``teachers`` / ``distillers``: names, or mappings ``{method, options, name}``; a bare name
+    that is the config's ``teacher.method`` (``distill.method``) takes ``teacher.options``
+    (``distill.options``), any other bare name the method's defaults. ``pairs``:
+    mappings ``{teacher: {name, options}, student: {name, options}, name}`` (default: the
+    config's teacher and student models). ``sweep``: ``{option: [values, ...]}``, a grid over
+    teacher options; each teacher entry named in ``sweep_teachers`` (default: ``soteacher``)
+    becomes one variant per combination, e.g. ``soteacher[lipschitz_weight=2e-6]``; its method
+    must take every swept option. ``baseline``: the
+    teacher variant the others are compared with, seed by seed. ``name``: the data's label in
+    the results (default: ``data.name``).
+    """
+
+    teachers: list[Any] = field(default_factory=lambda: ["standard", "soteacher"])
+    distillers: list[Any] = field(default_factory=lambda: ["kd"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    sweep_teachers: list[str] = field(default_factory=lambda: ["soteacher"])
+    baseline: str = "standard"
+    name: str = ""
+
+
+@dataclass
+class ExperimentConfig(Config):
+    """A run config plus an ``experiment:`` section (see ``ExperimentSpec``)."""
+
+    experiment: ExperimentSpec = field(default_factory=ExperimentSpec)
+
+    def base(self) -> Config:
+        """The plain run config, without the experiment section."""
+        return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
 
 
 class _Loader(yaml.SafeLoader):
@@ -164,8 +204,11 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (default: the embedded demo config) and apply ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type = Config) -> Config:
+    """Read ``path`` (default: the embedded demo config) and apply ``key=value`` overrides.
+
+    ``schema`` is the dataclass the file must fit (``Config``, or ``ExperimentConfig``)."""
     path = Path(path) if path is not None else default_config_path()
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -175,7 +218,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return apply_overrides(_build(Config, data), overrides or [])
+    return apply_overrides(_build(schema, data), overrides or [])
+
+
+def load_experiment_config(path: str | Path, overrides: list[str] | None = None
+                           ) -> ExperimentConfig:
+    """An experiment config: the run keys plus an ``experiment:`` section."""
+    return load_config(path, overrides, schema=ExperimentConfig)
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -199,7 +248,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[:i + 1])!r} is not a mapping")
         node[parts[-1]] = value
-    return _build(Config, data)
+    return _build(type(cfg), data)
 
 
 # ---- checking options against the builders they feed -----------------------------------------
@@ -209,7 +258,7 @@ def validate(cfg: Config, phases: tuple[str, ...] = ("teacher", "student", "dist
     from .distillers import DISTILLERS
     from .models import MODELS
     from .objective import check_options
-    from .teachers import TEACHERS
+    from .teachers import TEACHER_CONTEXT, TEACHERS
 
     def check(registry, name: str, options: dict, key: str, name_field: str,
               context: tuple[str, ...]) -> None:
@@ -224,11 +273,17 @@ def validate(cfg: Config, phases: tuple[str, ...] = ("teacher", "student", "dist
 
     model_ctx = ("num_classes", "input_shape")
     check(DATASETS, cfg.data.name, cfg.data.options, "data", "name", ())
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if "teacher" in phases:
         check(MODELS, cfg.teacher.model.name, cfg.teacher.model.options, "teacher.model", "name",
               model_ctx)
         check(TEACHERS, cfg.teacher.method, cfg.teacher.options, "teacher", "method",
-              ("num_samples", "num_classes", "num_epochs"))
+              TEACHER_CONTEXT)
+        if (cfg.data.val_fraction == 0 and "val_set" in
+                inspect.signature(TEACHERS.get(cfg.teacher.method)).parameters):
+            raise ConfigError(f"teacher method {cfg.teacher.method!r} needs a validation split "
+                              f"of the training set; set data.val_fraction=0.1")
         _check_train(cfg.teacher.train, "teacher.train")
     if "student" in phases:
         check(MODELS, cfg.student.model.name, cfg.student.model.options, "student.model", "name",

@@ -20,13 +20,14 @@ from torch import nn
 from .config import Config, ConfigError, ModelSpec, config_to_dict, validate
 from .data import DataBundle, OracleTeacher, build_dataset
 from .distillers import build_distiller
+from .engine.distributed import is_main
 from .engine.evaluate import evaluate, predict, resolve_device
 from .engine.io import (CheckpointError, atomic_write_json, atomic_write_text, safe_torch_load,
                         state_dict_mismatch)
 from .engine.trainer import CHECKPOINT, METRICS, WEIGHTS, WEIGHTS_FORMAT, Trainer
 from .metrics import agreement
 from .models import create_model
-from .teachers import build_teacher_objective
+from .teachers import build_teacher_objective, teacher_params, wrap_for_spec
 
 RUN_FILES = ("config.yaml", CHECKPOINT, WEIGHTS, METRICS, "summary.json", "results.json")
 
@@ -78,7 +79,7 @@ def load_model(path: str | Path, map_location: Any = "cpu") -> nn.Module:
         raise CheckpointError(f"weights in {path} do not fit model {spec['name']!r} "
                               f"({spec['num_classes']} classes): {problem}")
     model.load_state_dict(blob["state_dict"])
-    return model
+    return wrap_for_spec(model, spec)      # e.g. a fitted temperature
 
 
 def model_spec(spec: ModelSpec, data: DataBundle) -> dict[str, Any]:
@@ -92,7 +93,58 @@ def build_model(spec: ModelSpec, data: DataBundle) -> nn.Module:
 
 
 def build_data(cfg: Config) -> DataBundle:
-    return build_dataset(cfg.data.name, **cfg.data.options)
+    """The configured dataset; with ``data.val_fraction > 0`` a validation split (seeded by
+    ``cfg.seed``) is taken out of the training set and kept as the bundle's ``val``."""
+    return split_validation(build_dataset(cfg.data.name, **cfg.data.options),
+                            cfg.data.val_fraction, cfg.seed)
+
+
+@dataclasses.dataclass
+class SplitDataBundle(DataBundle):
+    """A ``DataBundle`` whose training set had a validation split ``val`` taken out of it."""
+
+    val: Any = None
+
+
+class _Subset(torch.utils.data.Dataset):
+    """Items ``indices[i]`` of ``dataset``, re-indexed 0..n-1 (per-sample state stays dense)."""
+
+    def __init__(self, dataset: Any, indices: torch.Tensor) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x, y, _ = self.dataset[int(self.indices[int(i)])]
+        return x, y, int(i)
+
+
+def _subset(dataset: Any, idx: torch.Tensor) -> Any:
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):
+        try:
+            return type(dataset)(dataset.x[idx], dataset.y[idx])     # keeps the in-memory path
+        except TypeError:
+            pass
+    return _Subset(dataset, idx)
+
+
+def split_validation(data: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """``data`` with ``round(fraction * N)`` random training samples moved to ``val`` (at least
+    one when ``fraction > 0``); ``fraction == 0`` returns ``data`` unchanged."""
+    if fraction == 0:
+        return data
+    if not 0 < fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {fraction}")
+    n = len(data.train)
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise ConfigError(f"data.val_fraction={fraction} leaves no training samples out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 * seed + 17))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(DataBundle)}
+    fields["train"] = _subset(data.train, train_idx)
+    return SplitDataBundle(**fields, val=_subset(data.train, val_idx))
 
 
 def save_config(cfg: Config, run_dir: Path) -> None:
@@ -107,14 +159,21 @@ def run_teacher(cfg: Config, data: DataBundle, run_dir: Path | None, *, method: 
     """Train the configured teacher (optionally with another method) and return it."""
     method = method or cfg.teacher.method
     options = cfg.teacher.options if options is None else options
+    if "student_model" in teacher_params(method) and "student_model" not in options:
+        # methods built around the student (sftn) default to the configured one
+        options = {**options, "student_model": cfg.student.model.name,
+                   "student_options": dict(cfg.student.model.options)}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.teacher.model, data)
     objective = build_teacher_objective(method, options, num_samples=len(data.train),
                                         num_classes=data.num_classes,
-                                        num_epochs=cfg.teacher.train.epochs)
-    _train(cfg, data, model, objective, cfg.teacher.train, run_dir, resume, progress,
-           f"teacher[{method}]", model_spec(cfg.teacher.model, data))
-    return model
+                                        num_epochs=cfg.teacher.train.epochs,
+                                        input_shape=data.input_shape,
+                                        val_set=getattr(data, "val", None), model=model)
+    trainer = _train(cfg, data, model, objective, cfg.teacher.train, run_dir, resume, progress,
+                     f"teacher[{method}]", model_spec(cfg.teacher.model, data),
+                     callbacks=getattr(objective, "callbacks", ()))
+    return wrap_for_spec(model, trainer.model_spec)     # e.g. a fitted temperature
 
 
 def run_student(cfg: Config, data: DataBundle, teacher: nn.Module | None, run_dir: Path | None,
@@ -136,9 +195,10 @@ def run_student(cfg: Config, data: DataBundle, teacher: nn.Module | None, run_di
     return student
 
 
-def _train(cfg, data, model, objective, settings, run_dir, resume, progress, name, spec) -> None:
+def _train(cfg, data, model, objective, settings, run_dir, resume, progress, name, spec,
+           callbacks=()) -> Trainer:
     device = resolve_device(cfg.device)
-    if run_dir is not None:
+    if run_dir is not None and is_main():       # under torchrun, rank 0 writes the files
         save_config(cfg, run_dir)
     pre = data.preprocess
     test_eval = (lambda m: evaluate(m, data.test, device=device, prefix="test_", preprocess=pre))
@@ -147,8 +207,9 @@ def _train(cfg, data, model, objective, settings, run_dir, resume, progress, nam
                       seed=cfg.seed, run_dir=run_dir, resume=resume, evaluate=test_eval,
                       name=name, progress=progress, num_workers=cfg.data.num_workers,
                       model_spec=spec, num_classes=data.num_classes,
-                      config=config_to_dict(cfg), preprocess=pre)
+                      config=config_to_dict(cfg), preprocess=pre, callbacks=callbacks)
     trainer.fit()
+    return trainer
 
 
 def check_teacher_fits(teacher: nn.Module, data: DataBundle) -> None:

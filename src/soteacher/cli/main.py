@@ -1,4 +1,4 @@
-"""The ``soteacher`` command line: demo, train-teacher, distill, evaluate, list."""
+"""The ``soteacher`` command line: demo, train-teacher, distill, evaluate, experiment, list."""
 
 from __future__ import annotations
 
@@ -62,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
+    x = sub.add_parser("experiment", help="a grid of teacher methods x distillers x seeds "
+                                          "(x pairs): results.csv, summary.md and plots")
+    x.add_argument("config", type=Path, nargs="?", default=None,
+                   help="experiment YAML: run config keys plus an 'experiment:' section")
+    x.add_argument("--out", type=Path, required=True, help="experiment directory")
+    x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set experiment.seeds=[0,1] (repeatable)")
+    x.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, auto, ...")
+    x.add_argument("--quiet", action="store_true", help="no progress output")
+    x.add_argument("--report-only", action="store_true",
+                   help="train nothing; remake the report of the runs in --out")
+    x.add_argument("--no-plots", action="store_true", help="skip the figures")
+    x.add_argument("--plots", type=Path, default=None,
+                   help="folder for the figures (default: OUT/plots)")
+
     ls = sub.add_parser("list", help="list registered names, one per line")
     ls.add_argument("what", choices=["distillers", "models", "datasets", "teachers"])
 
@@ -113,11 +128,14 @@ def cmd_demo(args) -> int:
 
 def cmd_train_teacher(args) -> int:
     from ..pipeline import build_data, model_report, prepare_run_dir, run_teacher
+    from ..engine.distributed import is_main, run_on_main
     from ..engine.io import atomic_write_json
     cfg = _load(args, ("teacher",))
     data = build_data(cfg)          # before the run directory: a data error leaves nothing behind
-    out = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    out = run_on_main(prepare_run_dir, args.out, resume=args.resume, overwrite=args.overwrite)
     model = run_teacher(cfg, data, out, resume=args.resume, progress=not args.quiet)
+    if not is_main():
+        return 0                    # under torchrun, rank 0 reports
     report = model_report(model, data, cfg.device)
     atomic_write_json(out / "summary.json", report)
     _print_metrics(report)
@@ -126,6 +144,7 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    from ..engine.distributed import is_main, run_on_main
     from ..engine.evaluate import resolve_device
     from ..engine.io import atomic_write_json
     from ..pipeline import (build_data, check_teacher_fits, load_model, model_report,
@@ -134,9 +153,11 @@ def cmd_distill(args) -> int:
     teacher = load_model(args.teacher).to(resolve_device(cfg.device))
     data = build_data(cfg)
     check_teacher_fits(teacher, data)
-    out = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    out = run_on_main(prepare_run_dir, args.out, resume=args.resume, overwrite=args.overwrite)
     student = run_student(cfg, data, teacher, out, resume=args.resume, progress=not args.quiet,
                           name=f"student[{cfg.distill.method}]")
+    if not is_main():
+        return 0                    # under torchrun, rank 0 reports
     report = model_report(student, data, cfg.device, teacher)
     atomic_write_json(out / "summary.json", report)
     _print_metrics(report)
@@ -161,6 +182,31 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(report))
     else:
         _print_metrics(report)
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from ..config import ConfigError, apply_overrides, load_experiment_config
+    from ..experiment import run_experiment, write_report
+    baseline = "standard"
+    if args.config is not None:
+        cfg = load_experiment_config(args.config, args.overrides)
+        if args.device:
+            cfg = apply_overrides(cfg, [f"device={args.device}"])
+        baseline = cfg.experiment.baseline
+        if not args.report_only:
+            log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+            run_experiment(cfg, args.out, progress=not args.quiet, log=log)
+    elif not args.report_only:
+        raise ConfigError("soteacher experiment needs a CONFIG (or --report-only)")
+    if not args.out.is_dir():
+        raise ConfigError(f"no experiment directory {str(args.out)!r}")
+    rep = write_report(args.out, baseline=baseline, plots=not args.no_plots,
+                       plots_dir=args.plots)
+    print(rep["summary"])
+    print(f"\nresults: {rep['results_csv']} ({len(rep['rows'])} runs); summary: "
+          f"{rep['summary_md']}" + (f"; {len(rep['plots'])} plots in "
+                                    f"{rep['plots'][0].parent}" if rep["plots"] else ""))
     return 0
 
 
@@ -205,7 +251,12 @@ def _print_metrics(report: dict) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill,
-            "evaluate": cmd_evaluate, "list": cmd_list, "data": cmd_data, "bench": cmd_bench}
+            "evaluate": cmd_evaluate, "list": cmd_list, "data": cmd_data, "bench": cmd_bench,
+            "experiment": cmd_experiment}
+
+
+#: Commands that run on several processes under torchrun (DistributedDataParallel).
+DISTRIBUTED_COMMANDS = ("train-teacher", "distill")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.download import DatasetError
     from ..engine.io import CheckpointError
     from ..engine.trainer import NonFiniteLossError
+    from ..engine.distributed import process_group
     try:
-        return COMMANDS[args.command](args)
+        # Under torchrun (WORLD_SIZE > 1): one process group for the command's lifetime.
+        with process_group(f"soteacher {args.command}", args.command in DISTRIBUTED_COMMANDS):
+            return COMMANDS[args.command](args)
     except (ValueError, KeyError, CheckpointError, NonFiniteLossError, ImportError, OSError,
             DatasetError) as e:
         if os.environ.get("SOTEACHER_DEBUG"):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine import distributed
 from .cc import Embed
 from .common import FeatureDistiller, check_positive, check_reduction, check_weight
 
@@ -65,6 +66,11 @@ class CRD(FeatureDistiller):
     in the reference) and stored as buffers; the memories are only read, never updated, in eval
     mode.
 
+    Several processes (DDP): the memories are replicated; after every step the ``(index,
+    embeddings)`` rows of all processes are all-gathered and every replica applies the same
+    update, negatives are drawn for the whole global batch (each process keeps its slice) and Z
+    is the mean over the global batch, so the memories follow a single-process run.
+
     Deviations: the reference's default ``mode='exact'`` draws negatives only among samples of
     other classes through its dataset; here negatives are uniform over all samples (the
     reference memory's own fallback), as the objective does not see the dataset. ``nce_k`` is
@@ -114,8 +120,12 @@ class CRD(FeatureDistiller):
         self.register_buffer("z_teacher", torch.tensor(-1.0))
 
     def contrast_indices(self, index: Tensor) -> Tensor:
-        """(B, 1 + K): each sample's own index, then K uniform draws over all samples."""
-        neg = torch.randint(0, self.num_samples, (len(index), self.nce_k), device=index.device)
+        """(B, 1 + K): each sample's own index, then K uniform draws over all samples.
+
+        Under DDP the draws are made for the whole global batch and this process keeps the rows
+        of its slice: the same numbers a single process draws for these samples."""
+        lo, hi, total = distributed.batch_layout(len(index), index.device)
+        neg = torch.randint(0, self.num_samples, (total, self.nce_k), device=index.device)[lo:hi]
         return torch.cat([index.view(-1, 1).to(neg.dtype), neg], dim=1)
 
     def distill_terms(self, s_feats, t_feats, y, index) -> dict[str, Tensor]:
@@ -126,10 +136,19 @@ class CRD(FeatureDistiller):
         rows_t = self.memory_t[idx].detach()
         if self.z_student < 0 or self.z_teacher < 0:
             with torch.no_grad():
-                self.z_student.fill_(contrast_scores(e_s, rows_t, self.nce_t).mean()
-                                     * self.num_samples)
-                self.z_teacher.fill_(contrast_scores(e_t, rows_s, self.nce_t).mean()
-                                     * self.num_samples)
+                s_scores = contrast_scores(e_s, rows_t, self.nce_t)
+                t_scores = contrast_scores(e_t, rows_s, self.nce_t)
+                if distributed.is_distributed():
+                    # The mean over the global batch, as a single process computes it.
+                    stats = torch.stack([s_scores.sum().double(), t_scores.sum().double(),
+                                         torch.tensor(float(s_scores.numel()),
+                                                      dtype=torch.float64, device=e_s.device)])
+                    s_mean, t_mean, count = distributed.all_reduce_sum(stats).tolist()
+                    s_mean, t_mean = s_mean / count, t_mean / count
+                else:
+                    s_mean, t_mean = s_scores.mean(), t_scores.mean()
+                self.z_student.fill_(s_mean * self.num_samples)
+                self.z_teacher.fill_(t_mean * self.num_samples)
         loss = crd_loss(e_s, e_t, rows_s, rows_t, self.z_student, self.z_teacher,
                         self.num_samples, self.nce_t)
         if self.training:
@@ -138,7 +157,12 @@ class CRD(FeatureDistiller):
 
     @torch.no_grad()
     def update_memory(self, index: Tensor, embed_s: Tensor, embed_t: Tensor) -> None:
-        """Momentum update of the batch's rows: ``normalize(m * row + (1 - m) * embedding)``."""
+        """Momentum update of the batch's rows: ``normalize(m * row + (1 - m) * embedding)``.
+
+        Under DDP the rows of every process are gathered first (a no-op in one process)."""
+        if distributed.is_distributed():
+            index, embed_s, embed_t = distributed.all_gather_rows(
+                index, embed_s.float(), embed_t.float())
         m = self.nce_momentum
         for memory, e in ((self.memory_s, embed_s), (self.memory_t, embed_t)):
             rows = memory[index] * m + e.to(memory.dtype) * (1 - m)

@@ -36,6 +36,7 @@ class TrainSettings:
     amp: str = "off"                           # autocast: off | bf16 | fp16 (fp16 adds a grad scaler)
     channels_last: bool = False                # NHWC memory format for 2-D conv nets
     compile: bool = False                      # torch.compile the model
+    sync_bn: bool = False                      # torchrun: batch norm over all processes (CUDA)
 
     def validate(self) -> None:
         if self.epochs < 1:

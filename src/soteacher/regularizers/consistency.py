@@ -21,6 +21,16 @@ past prediction adds no consistency loss. When every sample is visited in epoch 
 case, this is exactly the reference behaviour; it also keeps every bank row a probability vector
 when some sample is first seen later (the reference would pull it toward a zero or a shrunken
 vector).
+
+Storage. The bank may be kept in float16 or bfloat16 (``bank_dtype``; the arithmetic is float32,
+only the stored rows are rounded) and on the CPU (``bank_device="cpu"``, in pinned memory when
+CUDA is available; it then stays there when the objective is moved to the GPU), so that
+ImageNet-sized banks fit: 1,281,167 x 1000 is 5.1 GB in float32, 2.6 GB in 16 bits.
+
+Several processes (DDP). The bank is replicated, not sharded: each process reads the rows of its
+own samples, and ``ConsistencyRegularizer`` all-gathers ``(index, probs)`` from every process
+before the update, so every replica applies the same update of the whole global batch and stays
+identical to a single-process bank (see ``soteacher.engine.distributed``).
 """
 
 from __future__ import annotations
@@ -29,11 +39,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.distributed import all_gather_rows
 from .schedules import SCHEDULES, schedule_weight
 
-__all__ = ["BANK_UPDATES", "consistency_loss", "ConsistencyBank", "ConsistencyRegularizer"]
+__all__ = ["BANK_UPDATES", "BANK_DTYPES", "BANK_DEVICES", "consistency_loss", "ConsistencyBank",
+           "ConsistencyRegularizer", "bank_dtype"]
 
 BANK_UPDATES = ("reference", "mean", "ema")
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BANK_DEVICES = ("auto", "cpu")
+
+
+def bank_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The storage dtype named ``dtype`` (float32 | float16 | bfloat16, or a ``torch.dtype``)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in BANK_DTYPES.values():
+            raise ValueError(f"bank dtype must be one of {', '.join(BANK_DTYPES)}, got {dtype}")
+        return dtype
+    if dtype not in BANK_DTYPES:
+        raise ValueError(f"unknown bank_dtype {dtype!r}; available: {', '.join(BANK_DTYPES)}")
+    return BANK_DTYPES[dtype]
 
 
 def consistency_loss(probs: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -54,12 +79,16 @@ class ConsistencyBank(nn.Module):
     """Per-sample bank of past predictions, (num_samples, num_classes), zero-initialised, with a
     per-sample update count.
 
-    Both are buffers, so they travel with ``.to(device)`` and are part of ``state_dict()``:
-    a resumed run restores them.
+    Both are buffers and part of ``state_dict()``: a resumed run restores them (a checkpoint
+    loads into a bank of another dtype, converted). ``dtype`` is the storage type of the rows
+    (float32 | float16 | bfloat16). With ``device="auto"`` the buffers travel with
+    ``.to(device)``; with ``device="cpu"`` they stay on the CPU (pinned when CUDA is available)
+    whatever the module is moved to, and rows cross to the compute device when read.
     """
 
     def __init__(self, num_samples: int, num_classes: int, update: str = "reference",
-                 ema_decay: float = 0.9, dtype: torch.dtype = torch.float32) -> None:
+                 ema_decay: float = 0.9, dtype: str | torch.dtype = torch.float32,
+                 device: str = "auto") -> None:
         super().__init__()
         if update not in BANK_UPDATES:
             raise ValueError(f"unknown bank update {update!r}; available: {', '.join(BANK_UPDATES)}")
@@ -67,10 +96,30 @@ class ConsistencyBank(nn.Module):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if num_samples < 1 or num_classes < 1:
             raise ValueError("the bank needs num_samples >= 1 and num_classes >= 1")
+        if device not in BANK_DEVICES:
+            raise ValueError(f"unknown bank_device {device!r}; available: "
+                             f"{', '.join(BANK_DEVICES)}")
+        dtype = bank_dtype(dtype)
         self.update_rule = update
         self.ema_decay = ema_decay
-        self.register_buffer("bank", torch.zeros(num_samples, num_classes, dtype=dtype))
-        self.register_buffer("count", torch.zeros(num_samples, dtype=torch.int32))
+        self.keep_on_cpu = device == "cpu"
+        pin = self.keep_on_cpu and torch.cuda.is_available()
+        self.register_buffer("bank", torch.zeros(num_samples, num_classes, dtype=dtype,
+                                                 pin_memory=pin))
+        self.register_buffer("count", torch.zeros(num_samples, dtype=torch.int32,
+                                                  pin_memory=pin))
+
+    def _apply(self, fn, recurse=True):
+        # A CPU bank ignores .to(device) / .cuda() / .half(): it stays where and as it is.
+        if self.keep_on_cpu:
+            return self
+        return super()._apply(fn, recurse)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the bank's rows and counts."""
+        return (self.bank.numel() * self.bank.element_size()
+                + self.count.numel() * self.count.element_size())
 
     def tau(self, epoch: int, count: Tensor | int = 1) -> Tensor | float:
         """Weight of the new prediction in 1-based ``epoch`` for samples updated ``count`` times
@@ -116,13 +165,16 @@ class ConsistencyRegularizer(nn.Module):
         reg = ConsistencyRegularizer(len(train_set), num_classes, weight=1.0, num_epochs=E)
         loss = F.cross_entropy(logits, y) + reg(logits, index, epoch)
 
-    ``epoch`` is 1-based; the weight follows ``schedule`` (see ``schedules.py``).
+    ``epoch`` is 1-based; the weight follows ``schedule`` (see ``schedules.py``). ``bank_dtype``
+    and ``bank_device`` choose the bank's storage (see ``ConsistencyBank``). Under DDP the
+    batch's ``(index, probs)`` are all-gathered from every process before the bank update.
     """
 
     def __init__(self, num_samples: int, num_classes: int, weight: float = 1.0,
                  num_epochs: int = 1, schedule: str = "linear", start_epoch: int = 1,
                  update: str = "reference", ema_decay: float = 0.9,
-                 bank_dtype: torch.dtype = torch.float32) -> None:
+                 bank_dtype: str | torch.dtype = torch.float32,
+                 bank_device: str = "auto") -> None:
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; available: {', '.join(SCHEDULES)}")
@@ -130,19 +182,22 @@ class ConsistencyRegularizer(nn.Module):
         self.num_epochs = num_epochs
         self.schedule = schedule
         self.start_epoch = start_epoch
-        self.bank = ConsistencyBank(num_samples, num_classes, update, ema_decay, bank_dtype)
+        self.bank = ConsistencyBank(num_samples, num_classes, update, ema_decay, bank_dtype,
+                                    bank_device)
 
     def weight_at(self, epoch: int) -> float:
         return schedule_weight(self.schedule, self.weight, epoch, self.num_epochs, self.start_epoch)
 
     def forward(self, logits: Tensor, index: Tensor, epoch: int) -> Tensor:
         probs = F.softmax(logits.float(), dim=1)
-        index = index.to(self.bank.bank.device)
+        where = self.bank.bank.device
         if epoch == 1:
             loss = logits.new_zeros(())
         else:
-            target, seen = self.bank.read(index)
+            target, seen = self.bank.read(index.to(where))
             per_sample = consistency_loss(probs, target.to(probs.device), reduction="none")
             loss = self.weight_at(epoch) * (per_sample * seen.to(probs.device)).mean()
-        self.bank.update(index, probs.to(self.bank.bank.device), epoch)
+        # Under DDP: every process's rows, in rank order (a no-op in a single process).
+        index, new = all_gather_rows(index, probs.detach())
+        self.bank.update(index.to(where), new.to(where), epoch)
         return loss

@@ -1,0 +1,88 @@
+"""Every teacher-training method x KD, DKD and FitNet x 5 seeds on known_truth, mnist1d and
+digits: results.csv, summary.md and figures.
+
+The grid is ``benchmarks/teacher_methods.yaml`` (the known-truth settings); mnist1d keeps its
+models and digits swaps in 2-D CNNs. All runs go into one experiment directory, so the report
+covers the three data sets; the figures go to ``docs/teacher_methods/``. Finished runs are
+skipped when the script is started again (kill it at any time and restart).
+
+    .venv/bin/python benchmarks/teacher_methods.py                  # hours on a CPU
+    .venv/bin/python benchmarks/teacher_methods.py --device auto    # on a GPU if there is one
+    .venv/bin/python benchmarks/teacher_methods.py --tiny --out /tmp/tm --plots /tmp/tm/plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from soteacher.config import load_experiment_config
+from soteacher.experiment import run_experiment, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DATASETS = {
+    "known_truth": [],
+    "mnist1d": ["data.name=mnist1d", "data.options={}"],
+    "digits": ["data.name=digits", "data.options={}",
+               "teacher.model={name: cnn2d, options: {widths: [32, 64, 128]}}",
+               "student.model={name: cnn2d, options: {widths: [8, 16, 32]}}"],
+}
+
+# A smoke test: the whole grid at toy scale (about a minute on a laptop CPU).
+TINY = {
+    "common": ["teacher.train.epochs=2", "teacher.train.milestones=[]",
+               "teacher.train.eval_every=0", "student.train.epochs=1",
+               "student.train.milestones=[]", "student.train.eval_every=0",
+               "teacher.model.options.widths=[8, 16]", "student.model.options.widths=[4, 8]",
+               "experiment.seeds=[0, 1]"],
+    "known_truth": ["data.options.num_train=120", "data.options.num_test=80"],
+    "mnist1d": ["data.options.num_samples=300"],
+    "digits": ["data.options.test_fraction=0.5"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "teacher_methods.yaml")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "teacher_methods")
+    p.add_argument("--plots", type=Path, default=ROOT / "docs" / "teacher_methods")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--seeds", type=int, default=None, help="use seeds 0..N-1 (default: the "
+                                                           "config's, 0..4)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, auto, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tiny", action="store_true", help="toy scale, to check that it all runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", file=sys.stderr,
+                            flush=True)
+    baseline = "standard"
+    for ds in args.datasets:
+        overrides = list(DATASETS[ds])
+        if args.tiny:
+            overrides += TINY["common"] + TINY[ds]
+        if args.seeds is not None:
+            overrides.append(f"experiment.seeds={list(range(args.seeds))}")
+        if args.device:
+            overrides.append(f"device={args.device}")
+        cfg = load_experiment_config(args.config, overrides + args.overrides)
+        baseline = cfg.experiment.baseline
+        log(f"== {ds}")
+        run_experiment(cfg, args.out, log=lambda m, ds=ds: log(f"{ds} {m}"))
+    report = write_report(args.out, baseline=baseline, plots_dir=args.plots)
+    print(report["summary"])
+    print(f"\nresults: {report['results_csv']}; summary: {report['summary_md']}; "
+          f"{len(report['plots'])} figures in {args.plots} "
+          f"({time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Teacher-training methods: every registered method trains, and each baseline's mechanics
+(CRL, SWA, best-on-validation, temperature scaling, SFTN, the validation split) by hand."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from soteacher import ArrayDataset, Trainer, TrainSettings
+from soteacher.config import apply_overrides, load_config
+from soteacher.engine.io import safe_torch_load
+from soteacher.models import create_model
+from soteacher.pipeline import build_data, load_model, run_teacher
+from soteacher.teachers import (BestOnValidation, TemperatureScaled, WeightAveraging,
+                                build_teacher_objective, crl_loss, fit_temperature,
+                                list_teachers)
+from soteacher.teachers.crl import ConfidenceRanking, normalised_counts
+from soteacher.teachers.sftn import SFTNObjective, branch_points
+
+TINY = ["data.options.num_train=80", "data.options.num_test=40", "data.options.num_classes=4",
+        "data.options.input_shape=[1, 16]", "data.val_fraction=0.25",
+        "teacher.train.epochs=1", "teacher.train.batch_size=16", "teacher.train.eval_every=0",
+        "teacher.model.options.widths=[8, 16]", "student.model.name=cnn1d_small",
+        "student.model.options={}"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = apply_overrides(load_config(), TINY)
+    return cfg, build_data(cfg)
+
+
+# ---- every method ------------------------------------------------------------------------------
+def test_all_methods_are_registered():
+    assert {"standard", "soteacher", "lipschitz", "consistency", "label_smoothing", "crl", "swa",
+            "early_stop", "temperature_scaled", "sftn"} <= set(list_teachers())
+
+
+@pytest.mark.parametrize("method", list_teachers())
+def test_every_method_trains_one_epoch_and_reloads(tmp_path, tiny, method):
+    cfg, data = tiny
+    model = run_teacher(cfg, data, tmp_path, method=method, options={}, progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and math.isfinite(json.loads(lines[0])["loss"])
+    loaded = load_model(tmp_path)
+    x = data.test.x[:5]
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-6)
+    # whatever a method trains beside the teacher (SFTN's branches) is not in its weights
+    plain = create_model(cfg.teacher.model.name, num_classes=4, input_shape=(1, 16),
+                         **cfg.teacher.model.options)
+    saved = safe_torch_load(tmp_path / "model.pt")["state_dict"]
+    assert set(saved) == set(plain.state_dict())
+
+
+@pytest.mark.parametrize("method", ["early_stop", "temperature_scaled"])
+def test_methods_that_need_a_validation_split_say_how(tiny, method):
+    cfg, data = tiny
+    with pytest.raises(ValueError, match=r"set data.val_fraction=0.1"):
+        build_teacher_objective(method, {}, num_samples=60, num_classes=4, num_epochs=1,
+                                val_set=None)
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    base = apply_overrides(load_config(), TINY)
+    a, b = build_data(base), build_data(base)
+    other = build_data(apply_overrides(base, ["seed=1"]))
+    assert len(a.train) == 60 and len(a.val) == 20
+    assert torch.equal(a.val.x, b.val.x) and not torch.equal(a.val.x, other.val.x)
+    full = build_data(apply_overrides(base, ["data.val_fraction=0.0"]))
+    assert not hasattr(full, "val") or full.val is None
+    rows = lambda t: sorted(map(tuple, t.flatten(1).tolist()))
+    assert rows(torch.cat([a.train.x, a.val.x])) == rows(full.train.x)
+
+
+# ---- CRL ---------------------------------------------------------------------------------------
+def test_crl_loss_by_hand():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25], [0.9, 0.05, 0.05]])
+    c = torch.tensor([1.0, 0.5, 0.5])
+    # pairs (0,1): relu(0.5 - 0.2) = 0.3; (1,2): equal counts -> 0; (2,0): relu(0.5 + 0.2) = 0.7
+    assert float(crl_loss(p.log(), c)) == pytest.approx((0.3 + 0.0 + 0.7) / 3, abs=1e-6)
+    assert normalised_counts(torch.tensor([2.0, 1, 0, 1]), 3).tolist() == pytest.approx(
+        [2 / 3, 1 / 3, 0, 1 / 3])
+    assert normalised_counts(torch.tensor([1.0, 1.0]), 1).tolist() == [0.0, 0.0]
+
+
+def test_crl_counts_correct_predictions_and_combines_with_soteacher():
+    crl = ConfidenceRanking(4)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    crl(logits, torch.tensor([0, 0, 0]), torch.tensor([3, 1, 0]), epoch=1)
+    assert crl.counts.tolist() == [1.0, 0.0, 0.0, 1.0]
+    obj = build_teacher_objective("soteacher", {"crl_weight": 0.5}, num_samples=8,
+                                  num_classes=3, num_epochs=2)
+    model = nn.Sequential(nn.Linear(5, 3))
+    obj.set_epoch(2, 2)
+    out = obj(model, torch.randn(8, 5), torch.randint(0, 3, (8,)), torch.arange(8))
+    assert {"ce", "lipschitz", "consistency", "crl"} <= set(out.losses)
+    assert "crl.counts" in obj.state_dict()          # checkpointed with the objective
+
+
+# ---- trainer-level helpers ---------------------------------------------------------------------
+def _data(n=48, d=6, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ArrayDataset(torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g))
+
+
+class Snapshots:
+    """Keeps the model's parameters at the end of every epoch."""
+
+    def __init__(self):
+        self.params = {}
+
+    def on_epoch_end(self, trainer, epoch, record):
+        self.params[epoch] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _trainer(model, callbacks, epochs=3, run_dir=None, resume=False, data=None):
+    s = TrainSettings(epochs=epochs, batch_size=8, lr=0.2, milestones=[], eval_every=0)
+    obj = build_teacher_objective("standard", {}, num_samples=48, num_classes=3,
+                                  num_epochs=epochs)
+    return Trainer(model, obj, data or _data(), s, seed=1, progress=False, run_dir=run_dir,
+                   resume=resume, callbacks=callbacks)
+
+
+def _mlp(bn=False, seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.ReLU(),
+                                                                         nn.Linear(16, 3)]
+    return nn.Sequential(*layers)
+
+
+def test_swa_average_is_the_mean_of_the_per_epoch_weights():
+    snaps = Snapshots()
+    t = _trainer(_mlp(), [snaps, WeightAveraging(start_epoch=1)], epochs=4)
+    t.fit()
+    for name, p in t.model.named_parameters():
+        expected = torch.stack([snaps.params[e][name] for e in (2, 3, 4)]).mean(0)
+        assert torch.allclose(p, expected, atol=1e-6), name
+    assert [r["swa_models"] for r in t.history] == [0, 1, 2, 3]
+
+
+def test_swa_refreshes_batch_norm_and_resumes_exactly(tmp_path):
+    data = _data()
+    t = _trainer(_mlp(bn=True), [WeightAveraging(start_epoch=0)], data=data)
+    t.fit()
+    lin, bn = t.model[0], t.model[1]
+    with torch.no_grad():
+        h = lin(data.x)
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)   # 48 = 6 equal batches
+    # interrupted after epoch 2, resumed: the same averaged weights as in one go
+    ref = _trainer(_mlp(bn=True), [WeightAveraging(0)], run_dir=tmp_path / "ref")
+    ref.fit()
+    cut = _trainer(_mlp(bn=True), [WeightAveraging(0)], run_dir=tmp_path / "cut")
+    orig = cut._train_epoch
+    cut._train_epoch = lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e == 3 else orig(e)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    resumed = _trainer(_mlp(bn=True), [WeightAveraging(0)], run_dir=tmp_path / "cut",
+                       resume=True)
+    resumed.fit()
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_early_stop_restores_the_best_validation_epoch():
+    snaps = Snapshots()
+    val = _data(n=30, seed=5)
+    best = BestOnValidation(val, metric="nll")
+    t = _trainer(_mlp(), [snaps, best], epochs=5)
+    t.fit()
+    nll = [r["val_nll"] for r in t.history]
+    epoch = 1 + nll.index(min(nll))
+    assert best.best_epoch == epoch and t.history[-1]["best_epoch"] == epoch
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, snaps.params[epoch][k]), k
+    assert all("val_acc" in r for r in t.history)
+
+
+# ---- temperature scaling -----------------------------------------------------------------------
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    true_logits = 1.5 * torch.randn(20000, 5, generator=g)
+    y = torch.multinomial(true_logits.softmax(1), 1, generator=g)[:, 0]
+    for t_true in (0.5, 2.5):
+        assert fit_temperature(true_logits * t_true, y) == pytest.approx(t_true, rel=0.05)
+
+
+def test_temperature_travels_with_the_saved_teacher(tmp_path, tiny):
+    cfg, data = tiny
+    model = run_teacher(cfg, data, tmp_path, method="temperature_scaled", options={},
+                        progress=False)
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    t = blob["spec"]["temperature"]
+    assert isinstance(t, float) and t > 0
+    loaded = load_model(tmp_path)
+    assert isinstance(model, TemperatureScaled) and isinstance(loaded, TemperatureScaled)
+    assert float(loaded.temperature) == pytest.approx(t)
+    x = data.test.x[:4]
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), loaded.model(x) / t, atol=1e-6)
+        logits, feats = loaded.forward_features(x)
+        assert torch.allclose(logits, loaded(x), atol=1e-6) and len(feats["stages"]) == 2
+    assert loaded.input_shape == loaded.model.input_shape     # attributes of the inner model
+
+
+# ---- SFTN --------------------------------------------------------------------------------------
+def test_sftn_branch_points():
+    assert branch_points(3, 3) == [(1, 1), (2, 2)]
+    assert branch_points(2, 2) == [(1, 1)]
+    assert branch_points(4, 2) == [(2, 1)]
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        branch_points(3, 1)
+
+
+def test_sftn_trains_branches_with_the_teacher_and_refuses_other_models():
+    teacher = create_model("cnn1d", num_classes=3, input_shape=(1, 16), widths=(8, 16, 16))
+    build = lambda student, **kw: build_teacher_objective(
+        "sftn", {"student_model": student, **kw}, num_samples=8, num_classes=3, num_epochs=1,
+        input_shape=(1, 16), model=teacher)
+    obj = build("mlp", student_options={"widths": [12, 6]})     # 1-D conv features -> vectors
+    assert isinstance(obj, SFTNObjective) and len(obj.branches) == 1
+    out = obj(teacher, torch.randn(8, 1, 16), torch.randint(0, 3, (8,)), torch.arange(8))
+    assert set(out.losses) == {"ce", "branch_ce", "branch_kl"}
+    sum(out.losses.values()).backward()
+    assert teacher.stages[0].body[0].weight.grad is not None
+    assert all(p.grad is not None for p in obj.branches[0].adapter.parameters())
+    assert len(build("cnn1d", student_options={"widths": [4, 4, 4]}).branches) == 2
+    with pytest.raises(ValueError, match="needs the student architecture"):
+        build_teacher_objective("sftn", {}, num_samples=8, num_classes=3, num_epochs=1,
+                                input_shape=(1, 16), model=teacher)
+    with pytest.raises(ValueError, match="feature contract"):
+        build_teacher_objective("sftn", {"student_model": "cnn1d_small"}, num_samples=8,
+                                num_classes=3, num_epochs=1, input_shape=(1, 16),
+                                model=nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))
