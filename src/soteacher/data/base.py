@@ -28,11 +28,13 @@ DATASETS = Registry("dataset")
 class ArrayDataset(Dataset):
     """In-memory dataset; item ``i`` is ``(x[i], y[i], i)``.
 
-    ``x`` is float32 of shape (N, *input_shape) and ``y`` int64 of shape (N,). Both are public: the
-    trainer slices them directly instead of going through a DataLoader.
+    ``x`` is float32 of shape (N, *input_shape) (``dtype=None`` keeps its dtype) and ``y`` int64 of
+    shape (N,). Both are public: the trainer slices them directly instead of going through a
+    DataLoader.
     """
 
-    def __init__(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> None:
+    def __init__(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray,
+                 dtype: torch.dtype | None = torch.float32) -> None:
         x = torch.as_tensor(x)
         y = torch.as_tensor(y)
         if x.dim() < 1 or y.dim() != 1:
@@ -40,9 +42,9 @@ class ArrayDataset(Dataset):
                              f"{tuple(x.shape)} and {tuple(y.shape)}")
         if len(x) != len(y):
             raise ValueError(f"x and y have different lengths: {len(x)} and {len(y)}")
-        if y.is_floating_point() or y.is_complex():
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError("labels must be integer class indices")
-        self.x: Tensor = x.to(torch.float32)
+        self.x: Tensor = x if dtype is None else x.to(dtype)
         self.y: Tensor = y.to(torch.int64)
 
     def __len__(self) -> int:

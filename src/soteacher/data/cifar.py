@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from .augment import Normalize, RandomCropPad, RandomFlip
-from .base import DATASETS, DataBundle
+from .base import DATASETS, ArrayDataset, DataBundle
 from .download import ARCHIVES, ArchiveSpec, DatasetError, download
 
 __all__ = ["CIFAR_STATS", "ImageArrayDataset", "UnsafePickleError", "cifar10", "cifar100",
@@ -51,7 +50,7 @@ _FILES = {"cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
 _LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
 
 
-class ImageArrayDataset(Dataset):
+class ImageArrayDataset(ArrayDataset):
     """In-memory uint8 images; item ``i`` is ``(x[i], y[i], i)``.
 
     ``x`` is uint8 (N, C, H, W) and ``y`` int64 (N,), both public like ``ArrayDataset``'s so the
@@ -60,23 +59,11 @@ class ImageArrayDataset(Dataset):
     """
 
     def __init__(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> None:
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        x = torch.as_tensor(x)
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"expected uint8 images (N, C, H, W); got {x.dtype} "
                              f"{tuple(x.shape)}")
-        if y.dim() != 1 or len(y) != len(x):
-            raise ValueError(f"expected labels (N,) with N = {len(x)}; got {tuple(y.shape)}")
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise ValueError("labels must be integer class indices")
-        self.x: Tensor = x
-        self.y: Tensor = y.to(torch.int64)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
-        i = int(i)
-        return self.x[i], self.y[i], i
+        super().__init__(x, y, dtype=None)
 
     def __repr__(self) -> str:
         return f"ImageArrayDataset(n={len(self)}, image_shape={tuple(self.x.shape[1:])})"
