@@ -402,6 +402,61 @@ def test_cli_train_teacher_and_distill_on_two_processes(tmp_path):
     assert ckpt["objective"]["memory_s"].shape == (64, 8)
 
 
+EXPERIMENT = {
+    "seed": 0,
+    "data": {"name": "known_truth", "val_fraction": 0.0,
+             "options": {"num_classes": 3, "input_shape": [1, 16], "num_train": 64,
+                         "num_test": 32, "seed": 0}},
+    "teacher": {"model": {"name": "cnn1d", "options": {"widths": [4, 8]}},
+                "train": {"epochs": 1, "batch_size": 16, "milestones": [], "eval_every": 0}},
+    "student": {"model": {"name": "cnn1d", "options": {"widths": [4]}},
+                "train": {"epochs": 1, "batch_size": 16, "milestones": [], "eval_every": 0}},
+    "experiment": {"teachers": ["standard", "soteacher"], "distillers": ["kd"], "seeds": [0]},
+}
+
+
+def test_cli_experiment_on_two_processes_then_restart_skips_everything(tmp_path):
+    import csv
+    import yaml
+    cfg, out = tmp_path / "grid.yaml", tmp_path / "out"
+    cfg.write_text(yaml.safe_dump(EXPERIMENT))
+    argv = ["-m", "soteacher", "experiment", str(cfg), "--out", str(out), "--quiet",
+            "--no-plots"]
+    results = launch(argv)
+    for rc, _, err in results:
+        assert rc == 0, err
+    assert "results:" in results[0][1] and results[1][1] == ""          # rank 0 reports
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["kind"], r["teacher"], r.get("distiller") or "") for r in rows) == [
+        ("student", "soteacher", "kd"), ("student", "standard", "kd"),
+        ("teacher", "soteacher", ""), ("teacher", "standard", "")]
+    for r in rows:
+        assert r["seed"] == "0"
+    for r in (r for r in rows if r["kind"] == "student"):
+        summary = json.loads((out / r["student_dir"] / "summary.json").read_text())
+        teacher = json.loads((out / r["teacher_dir"] / "summary.json").read_text())
+        assert summary["teacher_run"] == teacher["teacher_run"]
+        assert 0 <= summary["metrics"]["test_acc"] <= 1
+    weights = sorted(out.rglob("model.pt"))
+    assert len(weights) == 4
+    files = weights + sorted(out.rglob("summary.json")) + sorted(out.rglob("checkpoint.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    csv_before = (out / "results.csv").read_text()
+
+    # the same command again: rank 0 finds every run finished, every process skips it
+    results = launch(argv)
+    for rc, _, err in results:
+        assert rc == 0, err
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    assert (out / "results.csv").read_text() == csv_before
+    assert results[1][1] == ""
+
+    # an error found on rank 0 (a changed config) stops every process, none hangs
+    results = launch([*argv, "--set", "teacher.train.epochs=2"], timeout=60)
+    for rc, _, err in results:
+        assert rc == 2 and "teacher.train.epochs: 1 here, 2 asked for" in err, err
+
+
 def test_errors_and_results_of_rank_0_reach_every_process(two):
     _, ranks = two
     for res in ranks:

@@ -188,6 +188,7 @@ def cmd_evaluate(args) -> int:
 def cmd_experiment(args) -> int:
     from ..config import ConfigError, apply_overrides, load_experiment_config
     from ..experiment import run_experiment, write_report
+    from ..engine.distributed import run_on_main
     baseline = "standard"
     if args.config is not None:
         cfg = load_experiment_config(args.config, args.overrides)
@@ -199,14 +200,18 @@ def cmd_experiment(args) -> int:
             run_experiment(cfg, args.out, progress=not args.quiet, log=log)
     elif not args.report_only:
         raise ConfigError("soteacher experiment needs a CONFIG (or --report-only)")
-    if not args.out.is_dir():
-        raise ConfigError(f"no experiment directory {str(args.out)!r}")
-    rep = write_report(args.out, baseline=baseline, plots=not args.no_plots,
-                       plots_dir=args.plots)
-    print(rep["summary"])
-    print(f"\nresults: {rep['results_csv']} ({len(rep['rows'])} runs); summary: "
-          f"{rep['summary_md']}" + (f"; {len(rep['plots'])} plots in "
-                                    f"{rep['plots'][0].parent}" if rep["plots"] else ""))
+
+    def report() -> None:           # under torchrun, rank 0 writes and prints the report
+        if not args.out.is_dir():
+            raise ConfigError(f"no experiment directory {str(args.out)!r}")
+        rep = write_report(args.out, baseline=baseline, plots=not args.no_plots,
+                           plots_dir=args.plots)
+        print(rep["summary"])
+        print(f"\nresults: {rep['results_csv']} ({len(rep['rows'])} runs); summary: "
+              f"{rep['summary_md']}" + (f"; {len(rep['plots'])} plots in "
+                                        f"{rep['plots'][0].parent}" if rep["plots"] else ""))
+
+    run_on_main(report)
     return 0
 
 
@@ -256,7 +261,7 @@ COMMANDS = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd
 
 
 #: Commands that run on several processes under torchrun (DistributedDataParallel).
-DISTRIBUTED_COMMANDS = ("train-teacher", "distill")
+DISTRIBUTED_COMMANDS = ("train-teacher", "distill", "experiment")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,13 @@ the experiment is started again; a run without one resumes from its checkpoint. 
 ``config.yaml`` differs from the one the grid asks for is an error (delete it or choose another
 ``--out``), never silently reused. Each teacher is trained once per (pair, seed) and reused for
 every distiller; a student's ``summary.json`` names its teacher's directory.
+
+Under torchrun (``torchrun --nproc_per_node N -m soteacher experiment ...``) every process walks
+the same grid in the same order and each run is trained distributed by the trainer. Rank 0
+alone reads the run directories to decide what to do (new, resume, skip), creates directories
+and writes every file; its decisions and the teacher run ids are broadcast, so all processes take
+the same branches, and an error it raises is raised on every process
+(:func:`~soteacher.engine.distributed.run_on_main`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import yaml
 
 from ..config import (Config, ConfigError, DistillSpec, ExperimentConfig, ExperimentSpec,
                       ModelSpec, config_to_dict, parse_yaml, validate)
+from ..engine.distributed import is_main, run_on_main
 from ..engine.io import atomic_write_json, atomic_write_text
 from ..engine.trainer import CHECKPOINT
 from .report import RUN_FORMAT
@@ -304,6 +312,51 @@ def _teacher_run_of(student_dir: Path) -> str | None:
     return json.loads(path.read_text()).get("teacher_run")
 
 
+def _teacher_plan(run_dir: Path, cfg: Config) -> tuple[str, str | None]:
+    """``(state, run id)`` of a teacher run: the id of a finished one, else ``None``."""
+    state = _run_state(run_dir, cfg)
+    if state != "done":
+        return state, None
+    return state, json.loads((run_dir / "summary.json").read_text()).get("teacher_run")
+
+
+def _student_plan(run_dir: Path, cfg: Config, retrained: bool, run_id: str | None) -> str:
+    """The state of a student run; ``"new"`` when it was distilled from an earlier instance of
+    its teacher (it starts over)."""
+    state = _run_state(run_dir, cfg)
+    if state != "new" and (retrained or _teacher_run_of(run_dir) not in (None, run_id)):
+        state = "new"
+    return state
+
+
+def _check_grid(cells: list[tuple[Path, Config]]) -> None:
+    for run_dir, c in cells:
+        _run_state(run_dir, c)
+
+
+def _start(root: Path, cfg: ExperimentConfig) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "experiment.yaml",
+                      yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _finish_teacher(tdir: Path, teacher: torch.nn.Module, data: Any, device: Any,
+                    meta: dict[str, Any]) -> str:
+    """Evaluate a trained teacher, write its summary; return its new run id."""
+    metrics, bins = teacher_report(teacher, data, device)
+    run_id = uuid.uuid4().hex
+    atomic_write_json(tdir / "reliability.json", bins)
+    atomic_write_json(tdir / "summary.json", {**meta, "teacher_run": run_id, "metrics": metrics})
+    return run_id
+
+
+def _finish_student(sdir: Path, student: torch.nn.Module, teacher: torch.nn.Module, data: Any,
+                    device: Any, summary: dict[str, Any]) -> None:
+    from ..pipeline import model_report
+    metrics = model_report(student, data, device, teacher)
+    atomic_write_json(sdir / "summary.json", {**summary, "metrics": metrics})
+
+
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -341,25 +394,25 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = F
     ``trained`` and ``skipped``. Reports are made separately (:mod:`.report`)."""
     from ..data import build_dataset
     from ..engine.evaluate import resolve_device
-    from ..pipeline import load_model, model_report, run_student, run_teacher, split_validation
+    from ..pipeline import load_model, run_student, run_teacher, split_validation
 
     variants, distillers, pairs = validate_experiment(cfg)
     spec, base = cfg.experiment, cfg.base()
     out = Path(out)
     root = out / slug(data_label(cfg))
+    cells: list[tuple[Path, Config]] = []
     for seed in spec.seeds:           # a run made with another config: an error before any work
         for pair in pairs:
             seed_dir = root / slug(pair.name) / f"seed{seed}"
             for v in variants:
                 tcfg = teacher_config(base, seed, pair, v)
-                _run_state(seed_dir / "teachers" / slug(v.name), tcfg)
+                cells.append((seed_dir / "teachers" / slug(v.name), tcfg))
                 for d in distillers:
-                    _run_state(seed_dir / "students" / slug(v.name) / slug(d.name),
-                               student_config(tcfg, d))
+                    cells.append((seed_dir / "students" / slug(v.name) / slug(d.name),
+                                  student_config(tcfg, d)))
+    run_on_main(_check_grid, cells)     # under torchrun: rank 0 reads, every process learns
     raw = build_dataset(base.data.name, **base.data.options)    # data errors before any file
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "experiment.yaml",
-                      yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    run_on_main(_start, root, cfg)
     device = resolve_device(base.device)
     counts = {"trained": 0, "skipped": 0}
     total = len(spec.seeds) * len(pairs) * len(variants) * (1 + len(distillers))
@@ -367,7 +420,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = F
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
-        log(f"[{done}/{total} {time.perf_counter() - t0:5.0f}s] {msg}")
+        if is_main():               # under torchrun, rank 0 speaks
+            log(f"[{done}/{total} {time.perf_counter() - t0:5.0f}s] {msg}")
 
     for seed in spec.seeds:
         data = split_validation(raw, base.data.val_fraction, seed)
@@ -380,33 +434,26 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = F
                         "pair": pair.name, "teacher": v.name, "teacher_method": v.method,
                         "teacher_options": v.options, "seed": seed, "teacher_dir": _rel(tdir, out)}
                 teacher = None
-                state = _run_state(tdir, tcfg)
+                # decisions from files: taken on rank 0, the same on every process
+                state, run_id = run_on_main(_teacher_plan, tdir, tcfg)
                 retrained = state != "done"
                 if not retrained:
                     counts["skipped"] += 1
                     say(f"{pair.name} seed {seed}: teacher {v.name} already finished")
-                    run_id = json.loads((tdir / "summary.json").read_text()).get("teacher_run")
                 else:
                     say(f"{pair.name} seed {seed}: training teacher {v.name}")
                     if state == "new":
-                        _fresh(tdir)
+                        run_on_main(_fresh, tdir)
                     teacher = run_teacher(tcfg, data, tdir, method=v.method, options=v.options,
                                           resume=state == "resume", progress=progress)
-                    metrics, bins = teacher_report(teacher, data, device)
-                    run_id = uuid.uuid4().hex
-                    atomic_write_json(tdir / "reliability.json", bins)
-                    atomic_write_json(tdir / "summary.json",
-                                      {**meta, "teacher_run": run_id, "metrics": metrics})
+                    run_id = run_on_main(_finish_teacher, tdir, teacher, data, device, meta)
                     counts["trained"] += 1
                 done += 1
                 for d in distillers:
                     scfg = student_config(tcfg, d)
                     sdir = seed_dir / "students" / slug(v.name) / slug(d.name)
-                    state = _run_state(sdir, scfg)
-                    if state != "new" and (retrained or _teacher_run_of(sdir) not in
-                                           (None, run_id)):
-                        # distilled from an earlier instance of this teacher: start over
-                        state = "new"
+                    # distilled from an earlier instance of this teacher: start over ("new")
+                    state = run_on_main(_student_plan, sdir, scfg, retrained, run_id)
                     if state == "done":
                         counts["skipped"] += 1
                         done += 1
@@ -415,15 +462,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = F
                     if teacher is None:
                         teacher = load_model(tdir).to(device)
                     if state == "new":
-                        _fresh(sdir)
+                        run_on_main(_fresh, sdir)
                     student = run_student(scfg, data, teacher, sdir, resume=state == "resume",
                                           progress=progress, name=f"student[{d.name}]")
-                    metrics = model_report(student, data, device, teacher)
-                    atomic_write_json(sdir / "summary.json", {
+                    run_on_main(_finish_student, sdir, student, teacher, data, device, {
                         **meta, "kind": "student", "distiller": d.name,
                         "distiller_method": d.method, "distiller_options": d.options,
-                        "teacher_run": run_id,
-                        "student_dir": _rel(sdir, out), "metrics": metrics})
+                        "teacher_run": run_id, "student_dir": _rel(sdir, out)})
                     counts["trained"] += 1
                     done += 1
                 del teacher
