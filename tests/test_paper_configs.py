@@ -119,3 +119,5 @@ def test_bench_throughput_json(capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"loop_efficiency", "soteacher_overhead", "pure_images_per_s"} <= set(r)
     assert r["loop_efficiency"] > 0 and r["soteacher_overhead"] > 0
+    lo, hi = r["soteacher_overhead_range"]
+    assert lo <= r["soteacher_overhead"] <= hi

@@ -1,7 +1,8 @@
 """Throughput of the training step, measured side by side.
 
-Three loops on the same model, batch size and device, interleaved over ``repeats`` rounds (the
-median of each is kept, so a noisy, shared machine affects all three alike):
+Three loops on the same model, batch size and device, interleaved over ``repeats`` rounds in an
+order that rotates every round (the median of each is kept, so a noisy, shared machine affects
+all three alike, and none always runs first):
 
 * **pure**: the model stepping on a batch already on the device, already augmented and
   normalised: forward, cross-entropy, backward, SGD. The ceiling for this model.
@@ -98,12 +99,18 @@ def throughput(model: str, batch_size: int = 64, steps: int = 20, device: str = 
     pure(warmup_steps)
     for t in loops.values():
         t.run_epoch(1)
-    times: dict[str, list[float]] = {"pure": [], "standard": [], "soteacher": []}
-    for _ in range(repeats):
-        times["pure"].append(timed(lambda: pure(steps)))
-        for name, t in loops.items():
-            times[name].append(timed(lambda t=t: t.run_epoch(2)))
+    runs = {"pure": lambda: pure(steps),
+            **{name: (lambda t=t: t.run_epoch(2)) for name, t in loops.items()}}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs)
+    for r in range(repeats):
+        # Rotate the order every round: whichever loop runs first or after another pays or
+        # gains from the allocator and cache state it finds, and no loop may always be the one.
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            times[name].append(timed(runs[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
+    # The per-round ratios show the noise the medians have to beat.
+    per_round = [s / b for s, b in zip(times["soteacher"], times["standard"])]
     ips = {k: n / v for k, v in med.items()}
     return {
         "model": model, "batch_size": batch_size, "steps": steps, "repeats": repeats,
@@ -113,4 +120,5 @@ def throughput(model: str, batch_size: int = 64, steps: int = 20, device: str = 
         "soteacher_images_per_s": ips["soteacher"],
         "loop_efficiency": ips["standard"] / ips["pure"],
         "soteacher_overhead": med["soteacher"] / med["standard"],
+        "soteacher_overhead_range": [min(per_round), max(per_round)],
     }

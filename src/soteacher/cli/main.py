@@ -238,12 +238,16 @@ def cmd_bench(args) -> int:
     r = throughput(args.model, batch_size=args.batch_size, steps=args.steps,
                    device=args.device, num_classes=args.num_classes, amp=args.amp,
                    channels_last=args.channels_last, repeats=args.repeats)
+    r["cpu_allocator"] = getattr(args, "cpu_allocator", "default")
     print(f"{r['model']} batch {r['batch_size']} on {r['device']} ({r['threads']} threads, "
-          f"amp {r['amp']}, channels_last {r['channels_last']})")
+          f"amp {r['amp']}, channels_last {r['channels_last']}, CPU allocator "
+          f"{r['cpu_allocator']})")
     for k in ("pure", "standard", "soteacher"):
         print(f"  {k:<10} {r[k + '_images_per_s']:10.1f} images/s")
     print(f"  loop_efficiency    {r['loop_efficiency']:.3f}  (standard / pure)")
-    print(f"  soteacher_overhead {r['soteacher_overhead']:.3f}  (SoTeacher / standard step time)")
+    lo, hi = r["soteacher_overhead_range"]
+    print(f"  soteacher_overhead {r['soteacher_overhead']:.3f}  (SoTeacher / standard step time; "
+          f"rounds {lo:.3f}..{hi:.3f})")
     if args.json:
         print(json.dumps(r))
     return 0
@@ -266,6 +270,8 @@ DISTRIBUTED_COMMANDS = ("train-teacher", "distill", "experiment")
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ..engine.allocator import tune_cpu_allocator
+    args.cpu_allocator = "tuned" if tune_cpu_allocator() else "default"
     from ..data.download import DatasetError
     from ..engine.io import CheckpointError
     from ..engine.trainer import NonFiniteLossError
