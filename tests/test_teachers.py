@@ -13,6 +13,7 @@ from soteacher.config import apply_overrides, load_config
 from soteacher.engine.io import safe_torch_load
 from soteacher.models import create_model
 from soteacher.pipeline import build_data, load_model, run_teacher
+from soteacher.teachers import callbacks as callbacks_module
 from soteacher.teachers import (BestOnValidation, TemperatureScaled, WeightAveraging,
                                 build_teacher_objective, crl_loss, fit_temperature,
                                 list_teachers)
@@ -185,6 +186,47 @@ def test_early_stop_restores_the_best_validation_epoch():
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, snaps.params[epoch][k]), k
     assert all("val_acc" in r for r in t.history)
+
+
+def _scripted_validation(monkeypatch, accs):
+    """Make BestOnValidation see the validation accuracies ``accs``, one per epoch."""
+    it = iter(accs)
+    monkeypatch.setattr(callbacks_module, "evaluate",
+                        lambda *a, **k: {"val_acc": next(it), "val_nll": 1.0, "val_ece": 0.0})
+
+
+def test_early_stop_with_patience_stops_and_restores_the_best(monkeypatch, tmp_path):
+    # best at epoch 2; epochs 3, 4, 5 bring nothing new: with patience 3, epoch 5 is the last
+    _scripted_validation(monkeypatch, [0.5, 0.6, 0.55, 0.6, 0.59, 0.9, 0.9, 0.9])
+    snaps = Snapshots()
+    best = BestOnValidation(_data(n=8), metric="acc", patience=3)
+    t = _trainer(_mlp(), [snaps, best], epochs=8, run_dir=tmp_path)
+    t.fit()
+    assert [r["epoch"] for r in t.history] == [1, 2, 3, 4, 5]
+    assert t.history[-1]["stopped_early"] is True
+    assert not any(r.get("stopped_early") for r in t.history[:-1])
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, snaps.params[2][k]), k
+    # resumed from its checkpoint, the stopped run trains no further epoch
+    _scripted_validation(monkeypatch, [])
+    again = _trainer(_mlp(seed=3), [Snapshots(), BestOnValidation(_data(n=8), patience=3)],
+                     epochs=8, run_dir=tmp_path, resume=True)
+    again.fit()
+    for k, v in again.model.state_dict().items():
+        assert torch.equal(v, snaps.params[2][k]), k
+
+
+def test_early_stop_without_patience_runs_every_epoch(monkeypatch):
+    _scripted_validation(monkeypatch, [0.9, 0.1, 0.1, 0.1, 0.1])
+    t = _trainer(_mlp(), [BestOnValidation(_data(n=8))], epochs=5)
+    t.fit()
+    assert len(t.history) == 5 and t.history[-1]["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("patience", [0, -1, 1.5, True])
+def test_early_stop_refuses_a_bad_patience(patience):
+    with pytest.raises(ValueError, match="patience"):
+        BestOnValidation(_data(n=8), patience=patience)
 
 
 # ---- temperature scaling -----------------------------------------------------------------------

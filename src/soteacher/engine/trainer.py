@@ -45,7 +45,9 @@ class Callback(Protocol):
     ``on_epoch_end`` may add keys to ``record`` (the epoch's line in ``metrics.jsonl``). Optional
     methods: ``on_fit_end(trainer)``, called once before the final weights are saved (it may
     change ``trainer.model`` in place), and ``state_dict()`` / ``load_state_dict(state)``, saved
-    in every checkpoint so a resumed run continues where it stopped.
+    in every checkpoint so a resumed run continues where it stopped. A callback with a true
+    ``stop_training`` attribute ends the training after the current epoch (early stopping); the
+    epoch's record then has ``"stopped_early": true``.
     """
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, record: dict[str, Any]) -> None: ...
@@ -289,6 +291,9 @@ class Trainer:
         if self.ddp is not None:
             self.ddp, self.forward_model = None, self.model
 
+    def _stop_requested(self) -> bool:
+        return any(getattr(cb, "stop_training", False) for cb in self.callbacks)
+
     def _fit(self) -> list[dict[str, Any]]:
         if self.resume:
             self._load_for_resume()
@@ -296,6 +301,8 @@ class Trainer:
             torch.manual_seed(self.seed)
         E = self.s.epochs
         for epoch in range(self.epoch + 1, E + 1):
+            if self._stop_requested():      # a resumed run that had already stopped
+                break
             record = self._train_epoch(epoch)
             if self.evaluate_fn is not None and (
                     epoch == E or (self.s.eval_every and epoch % self.s.eval_every == 0)):
@@ -303,11 +310,16 @@ class Trainer:
                 record.update(distributed.run_on_main(self.evaluate_fn, self.model))
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, record)
+            stop = self._stop_requested() and epoch < E
+            if stop:
+                record["stopped_early"] = True
             self.epoch, self.step, self._partial = epoch, 0, None
             self.history.append(record)
             self.progress.epoch_end(record)
             if self.run_dir is not None:
                 self._write_checkpoint()
+            if stop:
+                break
         for cb in self.callbacks:
             if hasattr(cb, "on_fit_end"):
                 cb.on_fit_end(self)

@@ -103,16 +103,30 @@ class BestOnValidation:
     """Evaluate on ``val_set`` after every epoch (``val_acc``, ``val_nll``, ``val_ece`` and
     ``best_epoch`` go into the epoch's record) and restore the weights of the best epoch at the
     end. ``metric``: ``"acc"`` (higher is better) or ``"nll"`` (lower is better); on a tie the
-    earlier epoch is kept."""
+    earlier epoch is kept. With ``patience`` the training stops once that many epochs in a row
+    have not improved on the best (the trainer reads ``stop_training``); without it, it runs all
+    its epochs and only the choice of weights is early."""
 
-    def __init__(self, val_set: Dataset, metric: str = "acc") -> None:
+    def __init__(self, val_set: Dataset, metric: str = "acc", patience: int | None = None) -> None:
         if metric not in ("acc", "nll"):
             raise ValueError(f"metric must be 'acc' or 'nll', got {metric!r}")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
+                                     or patience < 1):
+            raise ValueError(f"patience must be a whole number of epochs >= 1 (or null for no "
+                             f"stopping), got {patience!r}")
         self.val_set = val_set
         self.metric = metric
+        self.patience = patience
         self.best_epoch = 0
+        self.last_epoch = 0
         self.best_score: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def stop_training(self) -> bool:
+        """True once ``patience`` epochs have passed without a new best."""
+        return (self.patience is not None and self.best_epoch > 0
+                and self.last_epoch - self.best_epoch >= self.patience)
 
     def on_epoch_end(self, trainer: Any, epoch: int, record: dict[str, Any]) -> None:
         m = evaluate(trainer.model, self.val_set, device=trainer.device, prefix="val_",
@@ -124,6 +138,7 @@ class BestOnValidation:
             self.best_score, self.best_epoch = score, epoch
             self.best_state = {k: v.detach().cpu().clone()
                                for k, v in trainer.model.state_dict().items()}
+        self.last_epoch = epoch
         record["best_epoch"] = self.best_epoch
 
     def on_fit_end(self, trainer: Any) -> None:
@@ -132,12 +147,13 @@ class BestOnValidation:
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "best_score": self.best_score,
-                "best_state": self.best_state}
+                "best_state": self.best_state, "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_epoch = int(state["best_epoch"])
         self.best_score = state["best_score"]
         self.best_state = state["best_state"]
+        self.last_epoch = int(state.get("last_epoch", self.best_epoch))
 
 
 class TemperatureFit:

@@ -8,7 +8,8 @@ Registered here (``soteacher list teachers``):
   ``soteacher`` and of the methods below, so it combines with the SoTeacher terms;
 * ``swa``: stochastic weight averaging from epoch ``swa_start`` (default: the reference's 150
   of 240 epochs, scaled to the run's length), then a batch-norm refresh;
-* ``early_stop``: the epoch with the best accuracy on the validation split;
+* ``early_stop``: the epoch with the best accuracy on the validation split (with ``patience``,
+  training also stops after that many epochs without a new best);
 * ``temperature_scaled``: a temperature fitted on the validation split by NLL after training;
 * ``sftn``: student-friendly teacher networks (see :mod:`.sftn`).
 
@@ -108,13 +109,14 @@ def swa(num_samples: int, num_classes: int, num_epochs: int, swa_start: int | No
 def early_stop(val_set: Dataset | None, num_samples: int, num_classes: int, num_epochs: int,
                metric: str = "acc", label_smoothing: float = 0.0, lipschitz_weight: float = 0.0,
                consistency_weight: float = 0.0, consistency_schedule: str = "linear",
-               crl_weight: float = 0.0) -> TeacherObjective:
+               crl_weight: float = 0.0, patience: int | None = None) -> TeacherObjective:
     """The weights of the epoch with the best validation ``metric`` (``acc`` or ``nll``),
-    evaluated on the validation split after every epoch; never the test set."""
+    evaluated on the validation split after every epoch; never the test set. With ``patience``,
+    training also stops after that many epochs without a new best."""
     val = _need_val(val_set, "early_stop")
     obj = _objective(num_samples, num_classes, num_epochs, label_smoothing, lipschitz_weight,
                      consistency_weight, consistency_schedule, crl_weight)
-    obj.callbacks = [BestOnValidation(val, metric)]
+    obj.callbacks = [BestOnValidation(val, metric, patience)]
     return obj
 
 
