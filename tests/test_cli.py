@@ -138,3 +138,15 @@ def test_demo_needs_known_truth(tmp_path, capsys):
     assert rc == 2
     assert "needs a dataset whose true label distribution is known" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_another_method_on_a_soteacher_config_says_it_keeps_the_terms(tmp_path, capsys):
+    tiny = [*TINY, "--set", "teacher.train.epochs=1", "--set", "data.val_fraction=0.2"]
+    assert main(["train-teacher", "--out", str(tmp_path / "a"), *tiny,
+                 "--set", "teacher.method=early_stop"]) == 0
+    err = capsys.readouterr().err
+    assert "note: teacher method 'early_stop'" in err and "consistency_weight=" in err
+    assert main(["train-teacher", "--out", str(tmp_path / "b"), *tiny,
+                 "--set", "teacher.method=early_stop", "--set", "teacher.options={}"]) == 0
+    assert main(["train-teacher", "--out", str(tmp_path / "c"), *tiny]) == 0      # soteacher
+    assert "note:" not in capsys.readouterr().err

@@ -126,11 +126,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _note_soteacher_terms(cfg) -> None:
+    """A method other than SoTeacher's that still gets SoTeacher's terms from the config's
+    options (say ``--set teacher.method=early_stop`` on a SoTeacher config) trains the two
+    combined: legitimate, but say so."""
+    method, options = cfg.teacher.method, cfg.teacher.options
+    on = [f"{k}={options[k]}" for k in ("lipschitz_weight", "consistency_weight") if options.get(k)]
+    if on and method not in ("soteacher", "lipschitz", "consistency"):
+        print(f"note: teacher method {method!r} trains with SoTeacher's {', '.join(on)} from the "
+              f"config's teacher.options as well; --set 'teacher.options={{}}' gives the method "
+              f"alone", file=sys.stderr)
+
+
 def cmd_train_teacher(args) -> int:
     from ..pipeline import build_data, model_report, prepare_run_dir, run_teacher
     from ..engine.distributed import is_main, run_on_main
     from ..engine.io import atomic_write_json
     cfg = _load(args, ("teacher",))
+    if is_main():
+        _note_soteacher_terms(cfg)
     data = build_data(cfg)          # before the run directory: a data error leaves nothing behind
     out = run_on_main(prepare_run_dir, args.out, resume=args.resume, overwrite=args.overwrite)
     model = run_teacher(cfg, data, out, resume=args.resume, progress=not args.quiet)
