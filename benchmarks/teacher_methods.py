@@ -1,12 +1,13 @@
 """Every teacher-training method x KD, DKD and FitNet x 5 seeds on known_truth, mnist1d and
-digits: results.csv, summary.md and figures.
+digits: results.csv, summary.md and figures, all copied to ``docs/teacher_methods/``.
 
 The grid is ``benchmarks/teacher_methods.yaml`` (the known-truth settings); mnist1d keeps its
-models (on 2,000 generated sequences, half for training) and digits swaps in 2-D CNNs. All runs go into one experiment directory, so the report
-covers the three data sets; the figures go to ``docs/teacher_methods/``. Finished runs are
-skipped when the script is started again (kill it at any time and restart).
+models (on 2,000 generated sequences, half for training) and digits swaps in 2-D CNNs. All runs
+go into one experiment directory, so the report covers the three data sets. Finished runs are
+skipped when the script is started again (kill it at any time and restart), and processes
+given different ``--datasets`` (or ``--set experiment.seeds=[...]``) share the directory.
 
-    .venv/bin/python benchmarks/teacher_methods.py                  # hours on a CPU
+    .venv/bin/python benchmarks/teacher_methods.py                  # about 3 CPU-core hours
     .venv/bin/python benchmarks/teacher_methods.py --device auto    # on a GPU if there is one
     .venv/bin/python benchmarks/teacher_methods.py --tiny --out /tmp/tm --plots /tmp/tm/plots
 """
@@ -14,6 +15,7 @@ skipped when the script is started again (kill it at any time and restart).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,6 +82,9 @@ def main() -> None:
         log(f"== {ds}")
         run_experiment(cfg, args.out, log=lambda m, ds=ds: log(f"{ds} {m}"))
     report = write_report(args.out, baseline=baseline, plots_dir=args.plots)
+    args.plots.mkdir(parents=True, exist_ok=True)
+    for name in ("summary_md", "results_csv"):     # the tables go with the figures
+        shutil.copyfile(report[name], args.plots / Path(report[name]).name)
     print(report["summary"])
     print(f"\nresults: {report['results_csv']}; summary: {report['summary_md']}; "
           f"{len(report['plots'])} figures in {args.plots} "
