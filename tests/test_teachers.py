@@ -3,6 +3,8 @@
 
 import json
 import math
+import types
+import warnings
 
 import pytest
 import torch
@@ -14,9 +16,10 @@ from soteacher.engine.io import safe_torch_load
 from soteacher.models import create_model
 from soteacher.pipeline import build_data, load_model, run_teacher
 from soteacher.teachers import callbacks as callbacks_module
-from soteacher.teachers import (BestOnValidation, TemperatureScaled, WeightAveraging,
-                                build_teacher_objective, crl_loss, fit_temperature,
-                                list_teachers)
+from soteacher.teachers import (BestOnValidation, TemperatureFit, TemperatureScaled,
+                                WeightAveraging, build_teacher_objective, crl_loss,
+                                fit_temperature, list_teachers)
+from soteacher.teachers.calibration import separates
 from soteacher.teachers.crl import ConfidenceRanking, normalised_counts
 from soteacher.teachers.sftn import SFTNObjective, branch_points
 
@@ -236,6 +239,43 @@ def test_fit_temperature_recovers_a_known_temperature():
     y = torch.multinomial(true_logits.softmax(1), 1, generator=g)[:, 0]
     for t_true in (0.5, 2.5):
         assert fit_temperature(true_logits * t_true, y) == pytest.approx(t_true, rel=0.05)
+
+
+def test_separates_is_true_only_when_every_label_has_the_strictly_largest_logit():
+    z = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    assert separates(z, torch.tensor([0, 1]))
+    assert not separates(z, torch.tensor([0, 2]))
+    assert not separates(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([0]))      # a tie
+
+
+def test_a_separated_validation_split_has_no_temperature_to_fit():
+    z = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.5, 0.0, 1.0]])
+    y = torch.tensor([0, 1, 2])
+    assert fit_temperature(z, y) == pytest.approx(1e-3)       # the search's end, meaningless
+    # with one error among them there is a finite optimum
+    t = fit_temperature(z, torch.tensor([0, 1, 0]))
+    assert 1e-3 < t < 1e3
+
+
+def test_temperature_fit_keeps_1_when_the_validation_split_is_separated():
+    x = torch.eye(3).repeat(4, 1) * 5.0
+    val = ArrayDataset(x, x.argmax(1))
+    trainer = types.SimpleNamespace(model=nn.Identity(), device=torch.device("cpu"),
+                                    preprocess=None, model_spec={"name": "m"})
+    fit = TemperatureFit(val)
+    with pytest.warns(UserWarning, match="keeping temperature 1"):
+        fit.on_fit_end(trainer)
+    assert fit.temperature == 1.0 and trainer.model_spec["temperature"] == 1.0
+    # one wrong label: a real fit, no warning
+    y = x.argmax(1).clone()
+    y[0] = 1
+    trainer.model_spec = {"name": "m"}
+    fit = TemperatureFit(ArrayDataset(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit.on_fit_end(trainer)
+    assert fit.temperature == pytest.approx(fit_temperature(x, y))
+    assert fit.temperature != 1.0
 
 
 def test_temperature_travels_with_the_saved_teacher(tmp_path, tiny):

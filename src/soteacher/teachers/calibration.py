@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TemperatureScaled", "fit_temperature", "wrap_for_spec"]
+__all__ = ["TemperatureScaled", "fit_temperature", "separates", "wrap_for_spec"]
 
 
 def _nll_slope(logits: Tensor, y: Tensor, beta: float) -> float:
@@ -32,7 +32,9 @@ def fit_temperature(logits: Tensor, y: Tensor, lo: float = 1e-3, hi: float = 1e3
 
     The NLL is convex in ``beta = 1 / T``, so the minimiser is the root of its (increasing)
     derivative, found by bisection on ``log beta``; deterministic, float64. A root outside the
-    bracket gives the nearer end.
+    bracket gives the nearer end. When every label already has its sample's largest logit, the
+    NLL falls all the way to ``T -> 0`` and there is no minimiser: that gives ``lo``, a value that
+    says nothing about calibration (:func:`separates` tells this case apart).
     """
     z = torch.as_tensor(logits).detach().to(torch.float64).cpu()
     y = torch.as_tensor(y).detach().long().cpu()
@@ -55,6 +57,16 @@ def fit_temperature(logits: Tensor, y: Tensor, lo: float = 1e-3, hi: float = 1e3
         if b - a < 1e-12:
             break
     return 1.0 / math.exp(0.5 * (a + b))
+
+
+def separates(logits: Tensor, y: Tensor) -> bool:
+    """True when every sample's label has its strictly largest logit: the mean NLL then keeps
+    falling as the temperature goes to 0, and temperature scaling has nothing to fit."""
+    z = torch.as_tensor(logits).detach().to(torch.float64).cpu()
+    y = torch.as_tensor(y).detach().long().cpu()
+    zy = z.gather(1, y[:, None])
+    others = z.scatter(1, y[:, None], float("-inf"))
+    return bool((zy[:, 0] > others.max(dim=1).values).all())
 
 
 class TemperatureScaled(nn.Module):

@@ -9,6 +9,7 @@ trainer through its objective's ``callbacks`` list.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..engine.evaluate import evaluate, iterate_eval, predict
-from .calibration import fit_temperature
+from .calibration import fit_temperature, separates
 
 __all__ = ["BestOnValidation", "TemperatureFit", "WeightAveraging", "refresh_batch_norm"]
 
@@ -158,7 +159,9 @@ class BestOnValidation:
 
 class TemperatureFit:
     """After training, fit a temperature on ``val_set`` by NLL (:func:`fit_temperature`) and
-    record it in the trainer's model spec, so the saved teacher is rebuilt with it."""
+    record it in the trainer's model spec, so the saved teacher is rebuilt with it. When the
+    teacher classifies every validation sample correctly there is nothing to fit (the NLL falls
+    all the way to ``T -> 0``): it warns and keeps temperature 1."""
 
     def __init__(self, val_set: Dataset) -> None:
         self.val_set = val_set
@@ -169,6 +172,16 @@ class TemperatureFit:
 
     def on_fit_end(self, trainer: Any) -> None:
         out = predict(trainer.model, self.val_set, trainer.device, preprocess=trainer.preprocess)
-        self.temperature = fit_temperature(out["logits"], out["y"])
+        if separates(out["logits"], out["y"]):
+            # Every validation label is predicted: the NLL has no minimum (T -> 0). Dividing by
+            # the search's lower end would make the teacher nearly one-hot (x1000 logits), which
+            # wrecks distillers that read the non-target classes (DKD), so leave it unscaled.
+            warnings.warn(f"temperature_scaled: the teacher classifies all {len(out['y'])} "
+                          f"validation samples correctly, so no temperature minimises their NLL; "
+                          f"keeping temperature 1 (a larger data.val_fraction gives the fit "
+                          f"errors to work with)", stacklevel=2)
+            self.temperature = 1.0
+        else:
+            self.temperature = fit_temperature(out["logits"], out["y"])
         if trainer.model_spec is not None:
             trainer.model_spec = {**trainer.model_spec, "temperature": self.temperature}

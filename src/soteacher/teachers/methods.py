@@ -127,7 +127,9 @@ def temperature_scaled(val_set: Dataset | None, num_samples: int, num_classes: i
                        consistency_schedule: str = "linear",
                        crl_weight: float = 0.0) -> TeacherObjective:
     """Train, then fit one temperature on the validation split by NLL; the saved teacher's
-    logits are divided by it wherever it is used (``load_model`` rebuilds it so)."""
+    logits are divided by it wherever it is used (``load_model`` rebuilds it so). A validation
+    split the teacher classifies without error has no NLL-optimal temperature: then it warns
+    and keeps 1."""
     val = _need_val(val_set, "temperature_scaled")
     obj = _objective(num_samples, num_classes, num_epochs, label_smoothing, lipschitz_weight,
                      consistency_weight, consistency_schedule, crl_weight)
