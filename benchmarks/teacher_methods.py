@@ -35,6 +35,11 @@ DATASETS = {
     "digits": ["data.name=digits", "data.options={}",
                "teacher.model={name: cnn2d, options: {widths: [32, 64, 128]}}",
                "student.model={name: cnn2d, options: {widths: [8, 16, 32]}}"],
+    # the demo's own length (teacher 100 epochs, student 60), where the standard teacher has
+    # time to overfit its training labels: the regime SoTeacher is meant for
+    "known_truth_long": ["experiment.name=known_truth_long",
+                         "teacher.train.epochs=100", "teacher.train.milestones=[60, 85]",
+                         "student.train.epochs=60", "student.train.milestones=[40, 52]"],
 }
 
 # A smoke test: the whole grid at toy scale (about a minute on a laptop CPU).
@@ -47,6 +52,7 @@ TINY = {
     "known_truth": ["data.options.num_train=120", "data.options.num_test=80"],
     "mnist1d": ["data.options.num_samples=300"],
     "digits": ["data.options.test_fraction=0.5"],
+    "known_truth_long": ["data.options.num_train=120", "data.options.num_test=80"],
 }
 
 
