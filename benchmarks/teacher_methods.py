@@ -15,7 +15,9 @@ given different ``--datasets`` (or ``--set experiment.seeds=[...]``) share the d
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +58,73 @@ TINY = {
 }
 
 
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _names(entries: list) -> list[str]:
+    return [e if isinstance(e, str) else e.get("name") or e["method"] for e in entries]
+
+
+def _ordered(names: list[str], order: list[str]) -> list[str]:
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def overview(results_csv: Path, baseline: str, teachers_order: list[str] = (),
+             distillers_order: list[str] = ()) -> str:
+    """One table per data set: each teacher method's own test accuracy, training-input ECE (and
+    distance to p* on known-truth data), and for every distiller its students' test accuracy
+    and their seed-paired difference to the students of the ``baseline`` teacher, with the
+    number of seeds where it is ahead."""
+    rows = list(csv.DictReader(results_csv.open()))
+    out = []
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        teachers = {(r["teacher"], r["seed"]): r for r in rows
+                    if r["dataset"] == ds and r["kind"] == "teacher"}
+        students = {(r["teacher"], r["distiller"], r["seed"]): r for r in rows
+                    if r["dataset"] == ds and r["kind"] == "student"}
+        methods = _ordered(list(dict.fromkeys(t for t, _ in teachers)), list(teachers_order))
+        distillers = _ordered(list(dict.fromkeys(d for _, d, _ in students)),
+                              list(distillers_order))
+        seeds = sorted({s for _, s in teachers}, key=int)
+        truth = any(r["teacher_train_tv_true"] for r in teachers.values())
+        head = ["teacher", "teacher test acc %", "teacher train ECE"]
+        head += ["teacher train TV(p*)"] if truth else []
+        for d in distillers:
+            head += [f"{d} student %", f"{d} vs {baseline} (points, seeds ahead)"]
+        out += [f"### {ds} ({len(seeds)} seeds)", "", "| " + " | ".join(head) + " |",
+                "|" + " --- |" * len(head)]
+        for t in [baseline] + [m for m in methods if m != baseline]:
+            own = [teachers[t, s] for s in seeds if (t, s) in teachers]
+            cells = [f"`{t}`", _mean_std([100 * float(r["teacher_test_acc"]) for r in own]),
+                     _mean_std([float(r["teacher_train_ece"]) for r in own], 3)]
+            if truth:
+                cells.append(_mean_std([float(r["teacher_train_tv_true"]) for r in own], 3))
+            for d in distillers:
+                acc = {s: 100 * float(students[t, d, s]["student_test_acc"]) for s in seeds
+                       if (t, d, s) in students}
+                cells.append(_mean_std(list(acc.values())))
+                if t == baseline:
+                    cells.append("-")
+                    continue
+                diff = [acc[s] - 100 * float(students[baseline, d, s]["student_test_acc"])
+                        for s in acc if (baseline, d, s) in students]
+                if not diff:
+                    cells.append("-")
+                    continue
+                sd = statistics.stdev(diff) if len(diff) > 1 else 0.0
+                ahead = sum(x > 0 for x in diff)
+                cells.append(f"{statistics.mean(diff):+.2f} ± {sd:.2f} ({ahead}/{len(diff)})")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "teacher_methods.yaml")
@@ -91,7 +160,11 @@ def main() -> None:
     args.plots.mkdir(parents=True, exist_ok=True)
     for name in ("summary_md", "results_csv"):     # the tables go with the figures
         shutil.copyfile(report[name], args.plots / Path(report[name]).name)
+    table = overview(Path(report["results_csv"]), baseline, _names(cfg.experiment.teachers),
+                     _names(cfg.experiment.distillers))
+    (args.plots / "overview.md").write_text(table)
     print(report["summary"])
+    print(table)
     print(f"\nresults: {report['results_csv']}; summary: {report['summary_md']}; "
           f"{len(report['plots'])} figures in {args.plots} "
           f"({time.perf_counter() - t0:.0f}s)")
