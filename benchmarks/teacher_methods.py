@@ -15,9 +15,7 @@ given different ``--datasets`` (or ``--set experiment.seeds=[...]``) share the d
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 from soteacher.config import load_experiment_config
 from soteacher.experiment import run_experiment, write_report
+from soteacher.experiment.report import student_cells, teacher_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,12 +57,10 @@ TINY = {
 }
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def _cell(mean: float, std: float | None, digits: int = 2, scale: float = 1.0,
+          signed: bool = False) -> str:
+    text = f"{mean * scale:+.{digits}f}" if signed else f"{mean * scale:.{digits}f}"
+    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
 
 
 def _names(entries: list) -> list[str]:
@@ -75,51 +72,45 @@ def _ordered(names: list[str], order: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
-def overview(results_csv: Path, baseline: str, teachers_order: list[str] = (),
+def overview(rows: list[dict], baseline: str, teachers_order: list[str] = (),
              distillers_order: list[str] = ()) -> str:
-    """One table per data set: each teacher method's own test accuracy, training-input ECE (and
-    distance to p* on known-truth data), and for every distiller its students' test accuracy
-    and their seed-paired difference to the students of the ``baseline`` teacher, with the
-    number of seeds where it is ahead."""
-    rows = list(csv.DictReader(results_csv.open()))
+    """One table per data set from the report's rows: each teacher method's own test accuracy,
+    training-input ECE (and distance to p* on known-truth data), and for every distiller its
+    students' test accuracy and their seed-paired difference to the students of the
+    ``baseline`` teacher, with the number of seeds where it is ahead. One teacher/student pair
+    per data set, as in this grid."""
+    metrics = ["teacher_test_acc", "teacher_train_ece", "teacher_train_tv_true"]
+    teachers = {(c["dataset"], c["teacher"]): c for c in teacher_cells(rows, metrics)}
+    students = {(c["dataset"], c["teacher"], c["distiller"]): c
+                for c in student_cells(rows, baseline=baseline)}
     out = []
     for ds in dict.fromkeys(r["dataset"] for r in rows):
-        teachers = {(r["teacher"], r["seed"]): r for r in rows
-                    if r["dataset"] == ds and r["kind"] == "teacher"}
-        students = {(r["teacher"], r["distiller"], r["seed"]): r for r in rows
-                    if r["dataset"] == ds and r["kind"] == "student"}
-        methods = _ordered(list(dict.fromkeys(t for t, _ in teachers)), list(teachers_order))
-        distillers = _ordered(list(dict.fromkeys(d for _, d, _ in students)),
+        methods = _ordered([t for d, t in teachers if d == ds], list(teachers_order))
+        distillers = _ordered(list(dict.fromkeys(d for s, _, d in students if s == ds)),
                               list(distillers_order))
-        seeds = sorted({s for _, s in teachers}, key=int)
-        truth = any(r["teacher_train_tv_true"] for r in teachers.values())
+        seeds = max(teachers[ds, t]["teacher_test_acc"][2] for t in methods)
+        truth = any("teacher_train_tv_true" in teachers[ds, t] for t in methods)
         head = ["teacher", "teacher test acc %", "teacher train ECE"]
         head += ["teacher train TV(p*)"] if truth else []
         for d in distillers:
             head += [f"{d} student %", f"{d} vs {baseline} (points, seeds ahead)"]
-        out += [f"### {ds} ({len(seeds)} seeds)", "", "| " + " | ".join(head) + " |",
+        out += [f"### {ds} ({seeds} seeds)", "", "| " + " | ".join(head) + " |",
                 "|" + " --- |" * len(head)]
         for t in [baseline] + [m for m in methods if m != baseline]:
-            own = [teachers[t, s] for s in seeds if (t, s) in teachers]
-            cells = [f"`{t}`", _mean_std([100 * float(r["teacher_test_acc"]) for r in own]),
-                     _mean_std([float(r["teacher_train_ece"]) for r in own], 3)]
+            own = teachers[ds, t]
+            cells = [f"`{t}`", _cell(*own["teacher_test_acc"][:2], scale=100),
+                     _cell(*own["teacher_train_ece"][:2], digits=3)]
             if truth:
-                cells.append(_mean_std([float(r["teacher_train_tv_true"]) for r in own], 3))
+                cells.append(_cell(*own["teacher_train_tv_true"][:2], digits=3))
             for d in distillers:
-                acc = {s: 100 * float(students[t, d, s]["student_test_acc"]) for s in seeds
-                       if (t, d, s) in students}
-                cells.append(_mean_std(list(acc.values())))
-                if t == baseline:
-                    cells.append("-")
+                c = students.get((ds, t, d))
+                if c is None:
+                    cells += ["-", "-"]
                     continue
-                diff = [acc[s] - 100 * float(students[baseline, d, s]["student_test_acc"])
-                        for s in acc if (baseline, d, s) in students]
-                if not diff:
-                    cells.append("-")
-                    continue
-                sd = statistics.stdev(diff) if len(diff) > 1 else 0.0
-                ahead = sum(x > 0 for x in diff)
-                cells.append(f"{statistics.mean(diff):+.2f} ± {sd:.2f} ({ahead}/{len(diff)})")
+                cells.append(_cell(c["mean"], c["std"], scale=100))
+                cells.append("-" if not c["diff_n"] else
+                             f"{_cell(c['diff_mean'], c['diff_std'] or 0.0, scale=100, signed=True)}"
+                             f" ({c['diff_ahead']}/{c['diff_n']})")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -160,7 +151,7 @@ def main() -> None:
     args.plots.mkdir(parents=True, exist_ok=True)
     for name in ("summary_md", "results_csv"):     # the tables go with the figures
         shutil.copyfile(report[name], args.plots / Path(report[name]).name)
-    table = overview(Path(report["results_csv"]), baseline, _names(cfg.experiment.teachers),
+    table = overview(report["rows"], baseline, _names(cfg.experiment.teachers),
                      _names(cfg.experiment.distillers))
     (args.plots / "overview.md").write_text(table)
     print(report["summary"])

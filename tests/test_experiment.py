@@ -187,6 +187,7 @@ def test_summary_statistics_by_hand():
     # deviations from 0.04/3: -1/300, 5/300, -4/300; squares sum to 42/90000
     assert (so["diff_n"], so["diff_mean"], so["diff_std"]) == pytest.approx(
         (3, 0.04 / 3, (42 / 90000 / 2) ** 0.5))
+    assert so["diff_ahead"] == 2 and base["diff_ahead"] is None     # seed 2 is a tie
     md = format_summary(rows)
     assert "| `standard` | 72.00 ± 2.00 (3) |" in md
     assert "| `soteacher` | 77.50 ± 8.50 (4) |" in md

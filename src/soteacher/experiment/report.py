@@ -116,19 +116,22 @@ def student_cells(rows: Sequence[dict[str, Any]], metric: str = "student_test_ac
                   baseline: str = "standard") -> list[dict[str, Any]]:
     """Per (dataset, pair, teacher, distiller): ``n``, ``mean``, ``std`` of ``metric`` over
     seeds and, when the baseline teacher's students exist, ``diff_n``, ``diff_mean``,
-    ``diff_std`` of the seed-paired differences (``None`` for the baseline itself)."""
+    ``diff_std`` of the seed-paired differences and ``diff_ahead``, the number of seeds where
+    the difference is positive (``None`` for the baseline itself)."""
     cells = _by_seed([r for r in rows if r["kind"] == "student"], metric)
     out = []
     for (dataset, pair, teacher, distiller), vals in cells.items():
         mean, std, n = mean_std(vals[s] for s in sorted(vals))
         cell = {"dataset": dataset, "pair": pair, "teacher": teacher, "distiller": distiller,
                 "n": n, "mean": mean, "std": std, "diff_n": 0, "diff_mean": None,
-                "diff_std": None}
+                "diff_std": None, "diff_ahead": None}
         base = cells.get((dataset, pair, baseline, distiller))
         if base is not None and teacher != baseline:
-            d_mean, d_std, d_n = mean_std(paired_differences(vals, base))
+            diffs = paired_differences(vals, base)
+            d_mean, d_std, d_n = mean_std(diffs)
             if d_n:
-                cell.update(diff_n=d_n, diff_mean=d_mean, diff_std=d_std)
+                cell.update(diff_n=d_n, diff_mean=d_mean, diff_std=d_std,
+                            diff_ahead=sum(d > 0 for d in diffs))
         out.append(cell)
     return out
 
