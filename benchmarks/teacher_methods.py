@@ -108,9 +108,11 @@ def overview(rows: list[dict], baseline: str, teachers_order: list[str] = (),
                     cells += ["-", "-"]
                     continue
                 cells.append(_cell(c["mean"], c["std"], scale=100))
-                cells.append("-" if not c["diff_n"] else
-                             f"{_cell(c['diff_mean'], c['diff_std'] or 0.0, scale=100, signed=True)}"
-                             f" ({c['diff_ahead']}/{c['diff_n']})")
+                if not c["diff_n"]:
+                    cells.append("-")
+                    continue
+                diff = _cell(c["diff_mean"], c["diff_std"] or 0.0, scale=100, signed=True)
+                cells.append(f"{diff} ({c['diff_ahead']}/{c['diff_n']})")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -35,7 +35,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 
 
 def _faults_per_step(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_ENV and not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items()
+           if k != ALLOCATOR_ENV and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True,
                          text=True, timeout=300, check=True).stdout
     return float(out.strip().splitlines()[-1])

@@ -252,7 +252,7 @@ def cmd_bench(args) -> int:
     r = throughput(args.model, batch_size=args.batch_size, steps=args.steps,
                    device=args.device, num_classes=args.num_classes, amp=args.amp,
                    channels_last=args.channels_last, repeats=args.repeats)
-    r["cpu_allocator"] = getattr(args, "cpu_allocator", "default")
+    r["cpu_allocator"] = args.cpu_allocator          # set by main()
     print(f"{r['model']} batch {r['batch_size']} on {r['device']} ({r['threads']} threads, "
           f"amp {r['amp']}, channels_last {r['channels_last']}, CPU allocator "
           f"{r['cpu_allocator']})")

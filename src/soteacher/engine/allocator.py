@@ -5,9 +5,9 @@ memory of a training step's activations and gradients is handed back to the oper
 the end of the step (the top of the heap is trimmed, big blocks are unmapped) and taken again in
 the next one, where every page of it faults on first touch: tens of thousands of page faults per
 step for a CIFAR ResNet at batch 64. What a step costs then depends on how its allocations happen
-to interleave; on 2 cores, SoTeacher's step measured 5% slower than the standard one with the
-defaults and 1.4% slower with the settings below, which keep freed memory in the process for the
-next step (see BENCHMARKS.md, "Throughput").
+to interleave; on 2 cores, SoTeacher's step measured 5-6% slower than the standard one with the
+defaults and 0.7-0.9% slower with the settings below, which keep freed memory in the process for
+the next step (see BENCHMARKS.md, "Throughput").
 
 :func:`tune_cpu_allocator` applies them with ``mallopt``; the ``soteacher`` command does so when
 it starts, unless the environment has ``SOTEACHER_MALLOC=default``. In your own training script,
@@ -69,8 +69,6 @@ def tune_cpu_allocator(trim_threshold_mb: int = 1024, top_pad_mb: int = 64,
     mallopt = _glibc_mallopt()
     if mallopt is None:
         return False
-    ok = True
-    for param, mb in ((_M_MMAP_THRESHOLD, mmap_threshold_mb), (_M_TRIM_THRESHOLD, trim_threshold_mb),
-                      (_M_TOP_PAD, top_pad_mb)):
-        ok = mallopt(param, mb * _MIB) == 1 and ok
-    return ok
+    settings = ((_M_MMAP_THRESHOLD, mmap_threshold_mb), (_M_TRIM_THRESHOLD, trim_threshold_mb),
+                (_M_TOP_PAD, top_pad_mb))
+    return all([mallopt(param, mb * _MIB) == 1 for param, mb in settings])   # every one applied
