@@ -19,7 +19,7 @@ from soteacher.distillers import (DISTILLERS, ab_loss, at_loss, build_distiller,
                                   nce_loss, nst_loss, pkt_loss, rkd_angle_loss,
                                   rkd_distance_loss, rkd_loss, sp_loss, standardize_logits,
                                   vid_loss)
-from soteacher.distillers.cc import correlation_matrix
+from soteacher.distillers.cc import cc_taylor_gaussian_loss, correlation_matrix
 from soteacher.models.features import get_features
 
 ALL = list_distillers()
@@ -148,7 +148,7 @@ def test_cc_taylor_kernel_and_exact_rbf_limit():
                                                   for p in range(order + 1))
         return out
     expected = np.mean((corr(s, 2) - corr(t, 2)) ** 2)
-    assert cc_loss(t64(s), t64(t), gamma, 2).item() == pytest.approx(expected)
+    assert cc_taylor_gaussian_loss(t64(s), t64(t), gamma, 2).item() == pytest.approx(expected)
     # a long expansion is the exact Gaussian RBF exp(-gamma ||u_i - u_j||^2) of unit vectors
     u = s / np.linalg.norm(s, axis=1, keepdims=True)
     rbf = np.exp(-gamma * ((u[:, None] - u[None]) ** 2).sum(-1))
@@ -206,12 +206,12 @@ def test_ab_by_hand():
 
 def test_ft_against_numpy():
     r = rng(8)
-    s, t = r.normal(size=(2, 3, 4)), r.normal(size=(2, 3, 4))
+    s, t = r.normal(size=(2, 3, 4)), r.normal(size=(2, 5, 4))
     per = []
     for b in range(2):
-        u, v = s[b].ravel(), t[b].ravel()
+        u, v = (s[b] ** 2).mean(axis=0), (t[b] ** 2).mean(axis=0)      # channel energy per position
         per.append(np.mean(np.abs(u / np.linalg.norm(u) - v / np.linalg.norm(v)) ** 1.5))
-    assert np.allclose(ft_loss(t64(s), t64(t), p=1.5, reduction="none").numpy(), per)
+    assert np.allclose(ft_loss(t64(s), t64(t), p2=1.5, reduction="none").numpy(), per)
 
 
 def test_fsp_against_loops():
@@ -288,7 +288,7 @@ GRADCHECKS = {
     "fitnet": lambda: _gc(fitnet_loss, (2, 3, 4), (2, 3, 4)),
     "at": lambda: _gc(at_loss, (2, 3, 5), (2, 4, 5)),
     "sp": lambda: _gc(sp_loss, (3, 2, 4), (3, 5)),
-    "cc": lambda: _gc(cc_loss, (4, 3), (4, 5)),
+    "cc": lambda: _gc(cc_loss, (4, 3), (4, 3)),
     "vid": lambda: _gc(lambda m, t, v: vid_loss(m, t, v.abs() + 0.5), (2, 3, 4), (2, 3, 4), (3,)),
     "rkd": lambda: _gc(rkd_loss, (4, 3), (4, 5)),
     "pkt": lambda: _gc(pkt_loss, (4, 3), (4, 5)),
@@ -403,7 +403,7 @@ def test_training_step_two_mlps(method):
     torch.manual_seed(0)
     teacher = create_model("mlp", 3, SHAPE, widths=(16, 24))
     student = create_model("mlp", 3, SHAPE, widths=(16, 24) if method == "fsp" else (8, 12))
-    if method in ("at", "nst"):                        # spatial attention / selectivity only
+    if method in ("at", "nst", "ft"):          # spatial attention / selectivity / factor maps only
         with pytest.raises(ValueError, match="spatial axes"):
             build(method, teacher, student)
         return

@@ -11,53 +11,103 @@ from torch import Tensor, nn
 
 from ..objective import StepOutput
 from .common import (FeatureDistiller, adaptive_pool, batch_norm, check_positive,
-                     check_reduction, check_weight, conv, match_spatial)
+                     check_reduction, check_weight, match_spatial)
 
 
-def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0,
+
+def ft_factor(factor: Tensor, p1: float = 2.0) -> Tensor:
+    """The compared form of a factor map (B, K, *spatial): ``mean_k F^p1`` over the factor
+    channels, flattened to (B, positions) and L2-normalised per sample."""
+    return F.normalize(factor.pow(p1).mean(dim=1).flatten(1), dim=1)
+
+
+def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p1: float = 2.0, p2: float = 1.0,
             reduction: str = "mean") -> Tensor:
-    """Distance between L2-normalised, flattened factors: per sample ``mean |u_s - u_t|^p``.
+    """Factor-transfer distance between two factor maps (B, K_s, *spatial), (B, K_t, *spatial).
 
-    ``u = F / ||F||_2`` over all elements of a sample's factor. With ``p = 1`` and ``"mean"``
-    this is RepDistiller's ``F.l1_loss`` of the normalised factors (the paper writes the
-    p-norm of the difference; the mean differs from it by the constant number of elements).
+    The larger map is first average pooled to the common spatial size; then, per sample, the
+    mean over positions of ``|u_s - u_t|^p2`` with ``u = ft_factor(F, p1)``, so ``"mean"`` is
+    the mean over the batch and positions. With the defaults ``p1 = 2, p2 = 1`` this is
+    RepDistiller's ``FactorTransfer`` (the paper writes the p-norm of the difference of
+    normalised factors; this is its customary form). For other ``p2`` the reference raises the
+    *signed* difference to the power ``p2``; this takes its absolute value first, which is the
+    same for even ``p2``.
     """
-    if student_factor.shape != teacher_factor.shape:
-        raise ValueError(f"factor shapes differ: student {tuple(student_factor.shape)}, "
-                         f"teacher {tuple(teacher_factor.shape)}")
-    u_s = F.normalize(student_factor.flatten(1), dim=1)
-    u_t = F.normalize(teacher_factor.flatten(1), dim=1)
-    return check_reduction((u_s - u_t).abs().pow(p).mean(dim=1), reduction)
+    if (student_factor.shape[0] != teacher_factor.shape[0]
+            or student_factor.dim() != teacher_factor.dim()):
+        raise ValueError(f"factor maps must have the same batch size and number of spatial axes, "
+                         f"got student {tuple(student_factor.shape)} and teacher "
+                         f"{tuple(teacher_factor.shape)}")
+    if student_factor.dim() < 3:
+        raise ValueError(f"ft_loss compares factor maps (B, K, *spatial) position by position, "
+                         f"got vectors of shape {tuple(student_factor.shape)}")
+    s, t = match_spatial(student_factor, teacher_factor)
+    diff = (ft_factor(s, p1) - ft_factor(t, p1)).abs()
+    return check_reduction(diff.pow(p2).mean(dim=1), reduction)
 
 
-def _block(rank: int, c_in: int, c_out: int) -> list[nn.Module]:
-    return [conv(rank, c_in, c_out, 3 if rank else 1), batch_norm(rank, c_out), nn.LeakyReLU(0.1)]
+def _conv3(rank: int, c_in: int, c_out: int, transposed: bool = False) -> nn.Module:
+    """3-wide, stride-1, padding-1 (transposed) convolution with bias over ``rank`` axes."""
+    if rank not in (1, 2, 3):
+        raise ValueError(f"factor transfer needs feature maps with 1 to 3 spatial axes, got {rank}")
+    name = ("ConvTranspose" if transposed else "Conv") + f"{rank}d"
+    return getattr(nn, name)(c_in, c_out, 3, stride=1, padding=1)
+
+
+def _layers(rank: int, channels: Sequence[int], bn: bool,
+            transposed: bool = False) -> nn.Sequential:
+    """Consecutive ``conv -> [batch norm] -> LeakyReLU(0.1)`` blocks through ``channels``."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        layers += [_conv3(rank, c_in, c_out, transposed),
+                   batch_norm(rank, c_out) if bn else nn.Identity(), nn.LeakyReLU(0.1)]
+    return nn.Sequential(*layers)
 
 
 class Paraphraser(nn.Module):
-    """Convolutional autoencoder on a teacher feature: ``encode`` gives the factor."""
+    """Convolutional autoencoder on a teacher feature (B, C, *spatial); ``encode`` gives the
+    factor (B, K, *spatial).
 
-    def __init__(self, rank: int, channels: int, factor_channels: int) -> None:
+    Encoder: three 3x3 convolutions ``C -> C -> K -> K``; decoder: three 3x3 transposed
+    convolutions ``K -> K -> C -> C``; every one with bias, followed by LeakyReLU(0.1) (the last
+    included), with batch norm before it only when ``bn`` (off by default), as RepDistiller.
+    """
+
+    def __init__(self, rank: int, channels: int, factor_channels: int, bn: bool = False) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(*_block(rank, channels, channels),
-                                     *_block(rank, channels, factor_channels))
-        self.decoder = nn.Sequential(*_block(rank, factor_channels, channels),
-                                     conv(rank, channels, channels, 3 if rank else 1))
+        c, k = channels, factor_channels
+        self.encoder = _layers(rank, (c, c, k, k), bn)
+        self.decoder = _layers(rank, (k, k, c, c), bn, transposed=True)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(factor, reconstruction)``."""
         factor = self.encoder(x)
         return factor, self.decoder(factor)
 
 
-class FT(FeatureDistiller):
-    """Factor transfer on the last stage pair.
+class Translator(nn.Sequential):
+    """Student feature (B, C_s, *spatial) -> factor (B, K, *spatial): three 3x3 convolutions
+    ``C_s -> C_s -> K -> K`` with bias, each followed by batch norm (when ``bn``, the default)
+    and LeakyReLU(0.1), as RepDistiller."""
 
-    A *paraphraser* (autoencoder, teacher channels -> ``round(rate * C_t)`` factor channels)
-    is fitted to the teacher's last-stage feature; a *translator* (student channels -> factor
-    channels) is trained with the student so that its normalised output matches the teacher
-    factor: ``ce + ft_weight * ft_loss(translator(f_s), encoder(f_t))``. Different spatial sizes
-    are matched by average pooling the larger map; factors are compared element by element, so
-    a CNN/MLP pair raises a ``ValueError`` (two MLPs work, with linear layers).
+    def __init__(self, rank: int, channels: int, factor_channels: int, bn: bool = True) -> None:
+        super().__init__(*_layers(rank, (channels, channels, factor_channels, factor_channels), bn))
+
+
+class FT(FeatureDistiller):
+    """Factor transfer on the last stage pair (RepDistiller's ``feat[-2]``).
+
+    A *paraphraser* (:class:`Paraphraser`, teacher channels ``C_t`` -> ``K = int(rate * C_t)``
+    factor channels) is fitted to the teacher's last-stage feature; a *translator*
+    (:class:`Translator`, student channels -> ``K``) is trained with the student so that its
+    output matches the teacher's factor: ``ce + ft_weight * ft_loss(translator(f_s),
+    encode(f_t), p1, p2)``. Both run at their own model's spatial size; :func:`ft_loss` pools
+    the larger factor map. Factors are compared position by position, so both models need
+    feature maps: a CNN/MLP pair or two MLPs raise a ``ValueError`` (a vector has a single
+    position, whose normalised factor is always 1, so the loss would be identically 0).
 
     Preliminary stage: the reference pretrains the paraphraser as an autoencoder (reconstruction
     loss on teacher features) before distillation. Here it happens inside the same run: during
@@ -67,15 +117,17 @@ class FT(FeatureDistiller):
     paraphraser is frozen (eval mode, no gradient), as in the reference. ``init_epochs=0`` skips
     the pretraining (the paraphraser then stays at its random initialisation).
 
-    Defaults (RepDistiller): ``ft_weight`` 200, ``rate`` 0.5, ``p`` 1, ``init_weight`` 1,
-    ``ce_weight`` 1, ``kd_weight`` 0 (T = 4), ``init_epochs`` None (see :mod:`.common`).
+    Defaults (RepDistiller): ``ft_weight`` 200, ``rate`` 0.5, ``p1`` 2, ``p2`` 1,
+    ``paraphraser_bn`` False, ``translator_bn`` True, ``init_weight`` 1, ``ce_weight`` 1,
+    ``kd_weight`` 0 (T = 4), ``init_epochs`` None (see :mod:`.common`).
     """
 
     name = "ft"
     has_init_stage = True
 
     def __init__(self, teacher: nn.Module, student: nn.Module | None = None,
-                 ft_weight: float = 200.0, rate: float = 0.5, p: float = 1.0,
+                 ft_weight: float = 200.0, rate: float = 0.5, p1: float = 2.0, p2: float = 1.0,
+                 paraphraser_bn: bool = False, translator_bn: bool = True,
                  init_epochs: int | None = None, init_weight: float = 1.0,
                  ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
                  teacher_layers: Sequence[str] | Mapping[str, Any] | None = None,
@@ -87,15 +139,18 @@ class FT(FeatureDistiller):
                          init_epochs=init_epochs)
         self.ft_weight = check_weight("ft_weight", ft_weight)
         self.init_weight = check_weight("init_weight", init_weight)
-        self.p = check_positive("p", p)
+        self.p1 = check_positive("p1", p1)
+        self.p2 = check_positive("p2", p2)
         rate = check_positive("rate", rate)
         self.need_stages()
         t_shape, s_shape = self.t_shapes.stages[-1], self.s_shapes.stages[-1]
-        rank, self.common_size = self.pair_layout(t_shape, s_shape)
-        k = max(1, round(rate * t_shape[0]))
-        self.paraphraser = Paraphraser(rank, t_shape[0], k)
-        self.translator = nn.Sequential(*_block(rank, s_shape[0], s_shape[0]),
-                                        *_block(rank, s_shape[0], k))
+        rank, self.common_size = self.pair_layout(t_shape, s_shape, min_rank=1)
+        k = int(rate * t_shape[0])                       # truncated, as the reference
+        if k < 1:
+            raise ValueError(f"rate={rate} leaves no factor channel for a teacher feature with "
+                             f"{t_shape[0]} channels (int(rate * C) = 0); raise rate")
+        self.paraphraser = Paraphraser(rank, t_shape[0], k, bn=bool(paraphraser_bn))
+        self.translator = Translator(rank, s_shape[0], k, bn=bool(translator_bn))
 
     def init_step(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
         was_training = model.training
@@ -114,8 +169,8 @@ class FT(FeatureDistiller):
         return StepOutput(s_logits, {"ft_rec": self.init_weight * F.mse_loss(rec, t)})
 
     def distill_terms(self, s_feats, t_feats, y, index) -> dict[str, Tensor]:
-        t, s = match_spatial(t_feats["stages"][-1], s_feats["stages"][-1])
         self.paraphraser.eval()          # frozen after its pretraining
         with torch.no_grad():
-            factor_t, _ = self.paraphraser(t)
-        return {"ft": self.ft_weight * ft_loss(self.translator(s), factor_t, self.p)}
+            factor_t = self.paraphraser.encode(t_feats["stages"][-1])
+        factor_s = self.translator(s_feats["stages"][-1])
+        return {"ft": self.ft_weight * ft_loss(factor_s, factor_t, self.p1, self.p2)}

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import (FeatureDistiller, channel_view, check_positive, check_reduction,
-                     check_weight, conv)
+from .common import FeatureDistiller, channel_view, check_positive, check_reduction, check_weight
 
 
 def vid_loss(mean: Tensor, target: Tensor, variance: Tensor, reduction: str = "mean") -> Tensor:
@@ -26,15 +25,35 @@ def vid_loss(mean: Tensor, target: Tensor, variance: Tensor, reduction: str = "m
     return check_reduction(nll.flatten(1).mean(dim=1), reduction)
 
 
+def _conv1(rank: int, c_in: int, c_out: int) -> nn.Module:
+    """A 1-wide convolution without bias over ``rank`` spatial axes (``nn.Linear`` for 0)."""
+    if rank == 0:
+        return nn.Linear(c_in, c_out, bias=False)
+    if rank not in (1, 2, 3):
+        raise ValueError(f"features with {rank} spatial axes are not supported")
+    return getattr(nn, f"Conv{rank}d")(c_in, c_out, 1, bias=False)
+
+
+def vid_regressor(rank: int, c_in: int, c_mid: int, c_out: int) -> nn.Sequential:
+    """VID's mean regressor (B, c_in, *spatial) -> (B, c_out, *spatial): three 1-wide
+    convolutions without bias, ``c_in -> c_mid -> c_mid -> c_out``, with a ReLU after the first
+    two, as RepDistiller's ``VIDLoss`` (which uses ``c_mid = c_out`` = teacher channels)."""
+    return nn.Sequential(_conv1(rank, c_in, c_mid), nn.ReLU(),
+                         _conv1(rank, c_mid, c_mid), nn.ReLU(),
+                         _conv1(rank, c_mid, c_out))
+
+
 class VID(FeatureDistiller):
     """VID: ``ce + vid_weight * sum over stage pairs of vid_loss(r(f_s), f_t, sigma^2)``.
 
-    For each stage pair (aligned from the deepest) a learnable regressor ``r`` (three 1-wide
-    convolutions with ReLUs, student channels -> teacher channels, as in RepDistiller) predicts
-    the mean of the teacher feature; the per-channel variance ``softplus(alpha) + eps`` is
-    learnable too, initialised to ``init_variance``. Both are trained with the student. Different
-    spatial sizes are matched by average pooling the larger map; a map paired with a vector
-    (CNN teacher, MLP student) is globally average pooled first.
+    For each stage pair (the pairs of :mod:`.common`) a learnable regressor ``r``
+    (:func:`vid_regressor`: student channels -> teacher channels -> teacher channels -> teacher
+    channels, no bias) predicts the mean of the teacher feature; the per-channel variance
+    ``softplus(alpha) + eps`` (C_t,) is learnable too, ``alpha`` initialised so that it starts at
+    ``init_variance``. Both are trained with the student. Different spatial sizes are matched by
+    average pooling the larger map before the regressor (RepDistiller pools by height only, to a
+    square: the same for the square maps of its models); a map paired with a vector (CNN
+    teacher, MLP student) is globally average pooled first (an extension).
 
     Defaults (RepDistiller): ``vid_weight`` 1, ``init_variance`` 5, ``eps`` 1e-5, ``ce_weight``
     1, ``kd_weight`` 0 (T = 4).
@@ -65,9 +84,7 @@ class VID(FeatureDistiller):
             t_shape, s_shape = self.t_shapes.stages[ti], self.s_shapes.stages[si]
             rank, _ = self.pair_layout(t_shape, s_shape, allow_global_pool=True)
             c_s, c_t = s_shape[0], t_shape[0]
-            self.regressors.append(nn.Sequential(conv(rank, c_s, c_t), nn.ReLU(),
-                                                 conv(rank, c_t, c_t), nn.ReLU(),
-                                                 conv(rank, c_t, c_t)))
+            self.regressors.append(vid_regressor(rank, c_s, c_t, c_t))
             self.log_scales.append(nn.Parameter(torch.full((c_t,), start)))
 
     def variances(self) -> list[Tensor]:
