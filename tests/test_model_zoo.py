@@ -10,6 +10,7 @@ from torch import nn
 
 import soteacher
 from soteacher.models import create_model
+from soteacher.models.shufflenet import channel_shuffle
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,6 +28,7 @@ CIFAR100_PARAMS = {
     "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780, "wrn_40_2": 2_255_156,
     "vgg8": 3_965_028, "vgg13": 9_462_180,
     "mobilenetv2": 812_836, "shufflev1": 949_258, "shufflev2": 1_355_528,
+    "resnet50_cifar": 23_705_252,
 }
 # torchvision's ImageNet counts at 1000 classes.
 IMAGENET1000_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}
@@ -49,6 +51,7 @@ STAGES_32 = {
     "resnet18": [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)],
     "resnet34": [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)],
     "resnet50": [(256, 8, 8), (512, 4, 4), (1024, 2, 2), (2048, 1, 1)],
+    "resnet50_cifar": [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)],
 }
 POOLED = {"mobilenetv2": 1280, "shufflev2": 1024}
 ZOO = sorted(STAGES_32)
@@ -92,9 +95,25 @@ def test_features_on_cifar_images(name):
     feature_dim = POOLED.get(name, shapes[-1][0])
     assert post["pooled"].shape == (2, feature_dim) and model.feature_dim == feature_dim
     torch.testing.assert_close(model.head(post["pooled"]), logits)
-    for a, b in zip(pre["stages"], post["stages"]):
-        torch.testing.assert_close(F.relu(a), b)
+    assert_preact_relation(model, pre["stages"], post["stages"])
     assert model.input_shape == (3, 32, 32)
+
+
+def assert_preact_relation(model: nn.Module, pre: list, post: list) -> None:
+    """How each family's pre-activation features relate to its post-activation ones (eval mode):
+    ReLU for most; WRN's are the next BN of its raw outputs; MobileNetV2's linear outputs are
+    reported as they are; ShuffleNetV2 shuffles its channels after the ReLU."""
+    name = type(model).__name__
+    for i, (a, b) in enumerate(zip(pre, post)):
+        if name == "WideResNet":
+            torch.testing.assert_close(a, model.next_bns()[i](b))
+            assert (b < 0).any()              # raw residual sums, not activated
+        elif name == "MobileNetV2":
+            torch.testing.assert_close(a, b)
+        elif name == "ShuffleNetV2":
+            torch.testing.assert_close(channel_shuffle(F.relu(a), 2), b)
+        else:
+            torch.testing.assert_close(F.relu(a), b)
 
 
 def test_default_input_shapes():

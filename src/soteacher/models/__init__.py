@@ -10,9 +10,12 @@ Every model here is a :class:`FeatureNet` and honours the feature contract used 
 feature-based distillers:
 
 * ``forward(x) -> logits`` of shape ``(B, num_classes)``, with no feature bookkeeping;
-* ``forward_features(x, preact=False) -> (logits, {"stages": [...], "pooled": (B, F)})`` where
-  ``stages`` lists each stage's output from shallow to deep (taken before the stage's final ReLU
-  when ``preact=True``) and ``head(pooled) == logits``;
+* ``forward_features(x, preact=False) -> (logits, {"stem": ..., "stages": [...], "pooled": (B, F)})``
+  where ``stem`` is the stem's output, ``stages`` lists each stage's output from shallow to deep
+  (taken before the stage's final ReLU when ``preact=True``) and ``head(pooled) == logits``. For
+  the CIFAR image models ``[stem, *stages, pooled]`` is, position by position, the feature list
+  ``feat`` of RepDistiller's models (``model(x, is_feat=True)``), which the feature distillers
+  index as the reference does (``feat[1:-1]``, ``feat[-2]``, ``feat[2]``, ...);
 * ``model.stages`` is an ``nn.ModuleList`` of :class:`Stage` and ``model.head`` an ``nn.Linear``.
 """
 
@@ -36,11 +39,12 @@ class Stage(nn.Module):
     whatever follows the activation but should not be part of the reported feature (dropout).
     """
 
-    def __init__(self, body: nn.Module, post: nn.Module | None = None) -> None:
+    def __init__(self, body: nn.Module, post: nn.Module | None = None, act: bool = True) -> None:
         super().__init__()
         self.body = body
-        # Not in place: forward_features keeps the pre-activation tensor alive.
-        self.act = nn.ReLU()
+        # Not in place: forward_features keeps the pre-activation tensor alive. A stage whose
+        # output is not activated (pre-activation and linear-bottleneck networks) has no ReLU.
+        self.act: nn.Module = nn.ReLU() if act else nn.Identity()
         self.post = post if post is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -57,6 +61,8 @@ class FeatureNet(nn.Module):
 
     stages: nn.ModuleList
     head: nn.Linear
+    #: False where ``stem`` only reshapes the input (MLP, the plain CNNs): ``"stem"`` is then None.
+    has_stem = True
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -83,12 +89,13 @@ class FeatureNet(nn.Module):
         return self.head(self.pool(h))
 
     def forward_features(self, x: Tensor, preact: bool = False) -> tuple[Tensor, dict[str, Any]]:
-        """Logits (B, num_classes) and ``{"stages": [...], "pooled": (B, F)}``.
+        """Logits (B, num_classes) and ``{"stem": ..., "stages": [...], "pooled": (B, F)}``.
 
         Stage outputs are listed shallow to deep; with ``preact=True`` each is taken before the
         stage's final ReLU. Computes exactly what ``forward`` computes.
         """
         h = self.stem(x)
+        stem = h
         feats: list[Tensor] = []
         for stage in self.stages:
             pre = stage.body(h)
@@ -96,7 +103,8 @@ class FeatureNet(nn.Module):
             feats.append(pre if preact else post)
             h = stage.post(post)
         pooled = self.pool(h)
-        return self.head(pooled), {"stages": feats, "pooled": pooled}
+        return self.head(pooled), {"stem": stem if self.has_stem else None, "stages": feats,
+                                   "pooled": pooled}
 
 
 # ---- argument checks shared by the factories --------------------------------------------------

@@ -23,6 +23,8 @@ _LAYOUT = {1: "(C, L)", 2: "(C, H, W)"}
 class ConvNet(FeatureNet):
     """CNN over ``dim`` spatial dimensions (1 or 2); see the module docstring for the layout."""
 
+    has_stem = False
+
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], dim: int,
                  widths: Sequence[int] = (32, 64, 128), kernel_size: int = 3,
                  batch_norm: bool = True, convs_per_stage: int = 2) -> None:

@@ -17,6 +17,8 @@ class MLP(FeatureNet):
     dropout, so features are deterministic in eval mode and comparable across models.
     """
 
+    has_stem = False
+
     def __init__(self, num_classes: int, input_shape: tuple[int, ...],
                  widths: Sequence[int] = (256, 256), batch_norm: bool = True,
                  dropout: float = 0.0) -> None:

@@ -9,23 +9,20 @@ global average pooling; a linear head. Each inverted residual is pointwise expan
 also for t = 1) -> BN -> ReLU -> depthwise 3x3 -> BN -> ReLU -> pointwise project -> BN, with an
 identity shortcut when stride is 1 and the channel count is unchanged.
 
-Feature contract. The four stages are RepDistiller's: groups (0, 1), (2), (3, 4), (5, 6). Their
-outputs are *linear* bottlenecks, not followed by any ReLU, and the next stage consumes them as
-they are. So ``forward_features(preact=True)`` reports those linear outputs (exactly RepDistiller's
-features, which ignore ``preact``), and ``preact=False`` reports their ReLU, a feature the network
-itself does not propagate. The final 1x1 conv to 1280 channels is part of ``pool``.
+Feature contract (RepDistiller's ``mobile_half``, tested position by position): ``stem`` is the
+stem's output; the four stages are groups (0, 1), (2), (3, 4), (5, 6), and each reports its
+*linear* bottleneck output, with or without ``preact`` (no ReLU follows it: the next stage
+consumes it as it is). The final 1x1 conv to 1280 channels is part of ``pool``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from torch import Tensor, nn
 
 from . import MODELS, FeatureNet, Stage, check_num_classes
 from .resnet_cifar import CIFAR_SHAPE, global_avg_pool, image_shape, init_weights
 
-__all__ = ["MobileNetV2", "InvertedResidual", "LinearStage"]
+__all__ = ["MobileNetV2", "InvertedResidual"]
 
 #: (expansion, channels, blocks, first stride); ``None`` stands for the expansion option.
 _SETTINGS: tuple[tuple[int | None, int, int, int], ...] = (
@@ -51,14 +48,6 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv(x)
         return x + out if self.residual else out
-
-
-class LinearStage(Stage):
-    """A stage whose output is linear: ``forward`` is ``post(body(x))``; ``act`` only serves to
-    report a post-activation feature."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.post(self.body(x))
 
 
 class MobileNetV2(FeatureNet):
@@ -87,7 +76,7 @@ class MobileNetV2(FeatureNet):
                 c = out
             groups.append(blocks)
         self.stages = nn.ModuleList(
-            LinearStage(nn.Sequential(*[b for g in idx for b in groups[g]]))
+            Stage(nn.Sequential(*[b for g in idx for b in groups[g]]), act=False)
             for idx in _STAGE_GROUPS)
         self.stage_dims = [int(_SETTINGS[idx[-1]][1] * width) for idx in _STAGE_GROUPS]
         last = int(1280 * width) if width > 1.0 else 1280
@@ -101,16 +90,6 @@ class MobileNetV2(FeatureNet):
 
     def pool(self, h: Tensor) -> Tensor:
         return global_avg_pool(self.last_conv(h))
-
-    def forward_features(self, x: Tensor, preact: bool = False) -> tuple[Tensor, dict[str, Any]]:
-        h = self.stem(x)
-        feats: list[Tensor] = []
-        for stage in self.stages:
-            pre = stage.body(h)
-            feats.append(pre if preact else stage.act(pre))
-            h = stage.post(pre)
-        pooled = self.pool(h)
-        return self.head(pooled), {"stages": feats, "pooled": pooled}
 
 
 @MODELS.register("mobilenetv2")

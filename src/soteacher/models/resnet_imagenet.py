@@ -7,11 +7,19 @@ Layout: 7x7 stride-2 conv (64) + BN + ReLU + 3x3 stride-2 max-pool, four groups 
 inputs but any size works (64x64 Tiny-ImageNet images reach the last group at 2x2). Parameter
 counts at 1000 classes: resnet18 11,689,512, resnet34 21,797,672, resnet50 25,557,032.
 
-Feature contract: the four groups are the stages; each group's last block stops after the
-residual sum, whose ReLU is the stage's final ReLU.
+``resnet50_cifar`` is the same network with a 3x3 stride-1 conv (64) + BN + ReLU stem and no
+max-pool, for 32x32 inputs: RepDistiller's ``ResNet50`` (a CIFAR-100 teacher of its benchmark),
+23,705,252 parameters at 100 classes.
+
+Feature contract: the stem's output (after its ReLU, before the max-pool) is ``stem``; the four
+groups are the stages; each group's last block stops after the residual sum, whose ReLU is the
+stage's final ReLU. For ``resnet50_cifar``, ``[stem, *stages, pooled]`` is position by position
+RepDistiller's feature list.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -50,11 +58,18 @@ class Bottleneck(nn.Module):
 
 class ImageNetResNet(FeatureNet):
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], layers: tuple[int, ...],
-                 bottleneck: bool) -> None:
+                 bottleneck: bool, cifar_stem: bool = False) -> None:
         super().__init__(num_classes, input_shape)
-        self.stem_layers = nn.Sequential(
-            nn.Conv2d(input_shape[0], 64, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
+        if cifar_stem:
+            self.stem_layers = nn.Sequential(
+                nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            self.stem_pool: nn.Module = nn.Identity()
+        else:
+            self.stem_layers = nn.Sequential(
+                nn.Conv2d(input_shape[0], 64, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
         expansion = Bottleneck.expansion if bottleneck else 1
         c, stages = 64, []
         for g, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
@@ -78,11 +93,29 @@ class ImageNetResNet(FeatureNet):
     def pool(self, h: Tensor) -> Tensor:
         return global_avg_pool(h)
 
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem_pool(self.stem(x))
+        for stage in self.stages:
+            h = stage(h)
+        return self.head(self.pool(h))
+
+    def forward_features(self, x: Tensor, preact: bool = False) -> tuple[Tensor, dict[str, Any]]:
+        stem = self.stem(x)
+        h = self.stem_pool(stem)
+        feats: list[Tensor] = []
+        for stage in self.stages:
+            pre = stage.body(h)
+            post = stage.act(pre)
+            feats.append(pre if preact else post)
+            h = stage.post(post)
+        pooled = self.pool(h)
+        return self.head(pooled), {"stem": stem, "stages": feats, "pooled": pooled}
+
 
 def _resnet(name: str, num_classes: int, input_shape: tuple[int, ...], layers: tuple[int, ...],
-            bottleneck: bool) -> ImageNetResNet:
+            bottleneck: bool, cifar_stem: bool = False) -> ImageNetResNet:
     return ImageNetResNet(check_num_classes(num_classes), image_shape(name, input_shape), layers,
-                          bottleneck)
+                          bottleneck, cifar_stem)
 
 
 @MODELS.register("resnet18")
@@ -101,3 +134,11 @@ def resnet34(num_classes: int, input_shape: tuple[int, ...] = IMAGENET_SHAPE) ->
 def resnet50(num_classes: int, input_shape: tuple[int, ...] = IMAGENET_SHAPE) -> ImageNetResNet:
     """ImageNet ResNet-50 (bottlenecks 3-4-6-3)."""
     return _resnet("resnet50", num_classes, input_shape, (3, 4, 6, 3), True)
+
+
+@MODELS.register("resnet50_cifar")
+def resnet50_cifar(num_classes: int,
+                   input_shape: tuple[int, ...] = (3, 32, 32)) -> ImageNetResNet:
+    """ResNet-50 (bottlenecks 3-4-6-3) with a 3x3 stride-1 stem and no max-pool, for 32x32
+    images (RepDistiller's ``ResNet50``): 23,705,252 parameters at 100 classes."""
+    return _resnet("resnet50_cifar", num_classes, input_shape, (3, 4, 6, 3), True, cifar_stem=True)

@@ -17,14 +17,17 @@ halving the resolution in its first block, then global average pooling and a lin
   -> ReLU; right: 1x1 -> BN -> ReLU -> depthwise 3x3 s2 -> BN -> 1x1 -> BN -> ReLU), concatenate,
   shuffle.
 
-Feature contract: the three groups are the stages, each ending right before the final ReLU of its
-last block. For V2 that block's pass-through half is already non-negative, so applying the ReLU
-to the whole concatenation is the same computation; the shuffle, a channel permutation, is done
-before the ReLU, so the pre-activation feature is RepDistiller's ``preact`` feature with its
-channels in shuffled order, and the post-activation feature is exactly RepDistiller's.
+Feature contract (RepDistiller's ``ShuffleV1`` / ``ShuffleV2``, tested position by position):
+``stem`` is the 1x1 conv stem's output; the three groups are the stages, each ending right before
+the final ReLU of its last block. For V2 that block's pass-through half is already non-negative,
+so applying the ReLU to the whole concatenation is the same computation; the stage's channel
+shuffle follows the ReLU, so the post-activation feature is taken after the shuffle and the
+pre-activation one before it, both in the reference's channel order.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +121,21 @@ class V2Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.branch(x[:, self.keep:])
-        if self.final_relu:
-            out = F.relu(out, inplace=True)
-        # When final_relu is False the ReLU that follows (the stage's) also leaves the kept half,
-        # which is already non-negative, unchanged.
+        if not self.final_relu:
+            # The last block of a stage: the stage's ReLU (which leaves the kept, already
+            # non-negative half unchanged) and then its ChannelShuffle follow.
+            return torch.cat([x[:, :self.keep], out], 1)
+        out = F.relu(out, inplace=True)
         return channel_shuffle(torch.cat([x[:, :self.keep], out], 1), 2)
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return channel_shuffle(x, self.groups)
 
 
 class V2Down(nn.Module):
@@ -149,7 +162,7 @@ class ShuffleNetV2(FeatureNet):
         for w, n in zip(widths, blocks):
             layers: list[nn.Module] = [V2Down(c, w)]
             layers += [V2Block(w, final_relu=i < n - 1) for i in range(n)]
-            stages.append(Stage(nn.Sequential(*layers)))
+            stages.append(Stage(nn.Sequential(*layers), post=ChannelShuffle(2)))
             c = w
         self.stages = nn.ModuleList(stages)
         self.stage_dims = list(widths)
@@ -162,6 +175,18 @@ class ShuffleNetV2(FeatureNet):
 
     def pool(self, h: Tensor) -> Tensor:
         return global_avg_pool(self.last_conv(h))
+
+    def forward_features(self, x: Tensor, preact: bool = False) -> tuple[Tensor, dict[str, Any]]:
+        # A stage's post-activation feature is taken after its channel shuffle, the
+        # pre-activation one before it (both as RepDistiller reports them).
+        h = stem = self.stem(x)
+        feats: list[Tensor] = []
+        for stage in self.stages:
+            pre = stage.body(h)
+            h = stage.post(stage.act(pre))
+            feats.append(pre if preact else h)
+        pooled = self.pool(h)
+        return self.head(pooled), {"stem": stem, "stages": feats, "pooled": pooled}
 
 
 @MODELS.register("shufflev1")

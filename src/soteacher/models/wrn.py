@@ -1,4 +1,4 @@
-"""Wide ResNets (Zagoruyko & Komodakis, 2016) as in the RepDistiller / CRD benchmark:
+"""Wide ResNets (Zagoruyko & Komodakis, 2016) of the RepDistiller / CRD benchmark:
 ``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2`` (WRN-depth-widen).
 
 Layout: a 3x3 conv stem with 16 channels (no BN, no ReLU), then three groups of
@@ -8,17 +8,18 @@ pooling and a linear head. A pre-activation block is BN-ReLU-conv3x3-BN-ReLU-[dr
 plus a shortcut: the identity on the block's *raw* input when the channel count is unchanged,
 otherwise a 1x1 conv on the *activated* input.
 
-Feature contract. In a pre-activation network the ReLU that ends a group is the first
-BN-ReLU of the next group's first block (and, for the last group, the final BN-ReLU). So each
-stage is one group followed by the next group's first BN; that first block of the next group
-(whose channel count always changes, so its shortcut reads the activated input) then starts at
-its first conv. The computation is exactly the usual WRN; parameter counts are unchanged. The
-pre-activation features equal RepDistiller's ``preact=True`` features (``block2.layer[0].bn1(f1)``,
-``block3.layer[0].bn1(f2)``, ``bn1(f3)``); the post-activation features are their ReLU (RepDistiller
-reports the raw group outputs there instead, which are not followed by a ReLU).
+Feature contract (RepDistiller's WRN, tested position by position): ``stem`` is the stem conv's
+output, each stage is one group and reports the group's *raw* output (a residual sum, which no
+ReLU follows inside the group); ``pooled`` is the pooled ``ReLU(BN(.))`` of the last group. With
+``preact=True`` a stage reports the BN that the next layer applies to it (the next group's first
+block's ``bn1``, or the final BN), evaluated once more on the raw output. In training mode that
+second evaluation updates that BN's running statistics a second time, exactly as the reference's
+``preact`` features do.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,16 +31,14 @@ __all__ = ["WideResNet", "PreActBlock"]
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block; with ``preactivate=False`` the input is taken as already
-    activated (its BN-ReLU lives at the end of the previous stage)."""
+    """Pre-activation basic block (BN-ReLU-conv-BN-ReLU-[dropout]-conv, plus shortcut)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float = 0.0,
-                 preactivate: bool = True) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.equal = c_in == c_out and stride == 1
-        if not preactivate and self.equal:
-            raise ValueError("a block without its own pre-activation needs a projection shortcut")
-        self.bn1 = nn.BatchNorm2d(c_in) if preactivate else None
+        self.equal = c_in == c_out
+        if self.equal and stride != 1:
+            raise ValueError("a block with an identity shortcut cannot have a stride")
+        self.bn1 = nn.BatchNorm2d(c_in)
         self.conv1 = conv3x3(c_in, c_out, stride)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
@@ -50,7 +49,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Not in place: with an identity shortcut the raw x is still needed.
-        a = F.relu(self.bn1(x)) if self.bn1 is not None else x
+        a = F.relu(self.bn1(x))
         out = self.relu(self.bn2(self.conv1(a)))
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
@@ -75,18 +74,13 @@ class WideResNet(FeatureNet):
         self.stem_conv = conv3x3(input_shape[0], 16)
         c_in, stages = 16, []
         for g, w in enumerate(widths):
-            blocks: list[nn.Module] = []
-            for i in range(n):
-                blocks.append(PreActBlock(c_in if i == 0 else w, w,
-                                          stride=2 if (g > 0 and i == 0) else 1, dropout=dropout,
-                                          preactivate=not (g > 0 and i == 0)))
-            # The BN before the ReLU that ends this group: the next group's first pre-activation,
-            # or the network's final BN.
-            blocks.append(nn.BatchNorm2d(w))
-            stages.append(Stage(nn.Sequential(*blocks)))
+            blocks = [PreActBlock(c_in if i == 0 else w, w, stride=2 if (g > 0 and i == 0) else 1,
+                                  dropout=dropout) for i in range(n)]
+            stages.append(Stage(nn.Sequential(*blocks), act=False))
             c_in = w
         self.stages = nn.ModuleList(stages)
         self.stage_dims = widths
+        self.final_bn = nn.BatchNorm2d(widths[-1])
         self.head = nn.Linear(widths[-1], num_classes)
         init_weights(self)
         nn.init.zeros_(self.head.bias)
@@ -95,7 +89,17 @@ class WideResNet(FeatureNet):
         return self.stem_conv(x)
 
     def pool(self, h: Tensor) -> Tensor:
-        return global_avg_pool(h)
+        return global_avg_pool(F.relu(self.final_bn(h)))
+
+    def next_bns(self) -> list[nn.BatchNorm2d]:
+        """The BN applied next to each stage's output (RepDistiller's ``get_bn_before_relu``)."""
+        return [s.body[0].bn1 for s in list(self.stages)[1:]] + [self.final_bn]
+
+    def forward_features(self, x: Tensor, preact: bool = False) -> tuple[Tensor, dict[str, Any]]:
+        logits, feats = super().forward_features(x)
+        if preact:
+            feats["stages"] = [bn(f) for bn, f in zip(self.next_bns(), feats["stages"])]
+        return logits, feats
 
 
 def _wrn(name: str, num_classes: int, input_shape: tuple[int, ...], depth: int, widen: int,
