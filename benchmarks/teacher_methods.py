@@ -24,7 +24,7 @@ import torch
 
 from soteacher.config import load_experiment_config
 from soteacher.experiment import run_experiment, write_report
-from soteacher.experiment.report import student_cells, teacher_cells
+from soteacher.experiment.report import read_results_csv, student_cells, teacher_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,6 +130,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="toy scale, to check that it all runs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--previous", type=Path, default=None, metavar="CSV",
+                   help="a results.csv of an earlier full run: its rows fill in the runs this "
+                        "invocation does not (re)run, e.g. after rerunning only the FitNet "
+                        "students with --set 'experiment.distillers=[fitnet]'")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +153,8 @@ def main() -> None:
         baseline = cfg.experiment.baseline
         log(f"== {ds}")
         run_experiment(cfg, args.out, log=lambda m, ds=ds: log(f"{ds} {m}"))
-    report = write_report(args.out, baseline=baseline, plots_dir=args.plots)
+    previous = read_results_csv(args.previous) if args.previous else ()
+    report = write_report(args.out, baseline=baseline, plots_dir=args.plots, previous=previous)
     args.plots.mkdir(parents=True, exist_ok=True)
     for name in ("summary_md", "results_csv"):     # the tables go with the figures
         shutil.copyfile(report[name], args.plots / Path(report[name]).name)

@@ -199,3 +199,29 @@ def test_plots_without_matplotlib_say_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(ImportError, match=r"pip install 'soteacher\[plot\]'"):
         make_plots(".", [_row("standard", 0, 0.5)], "plots")
+
+
+def test_results_csv_round_trip_and_partial_rerun_merge(tmp_path):
+    from soteacher.experiment.report import merge_rows, read_results_csv, write_results_csv
+
+    def row(kind, teacher, distiller, seed, acc):
+        r = {"kind": kind, "dataset": "d", "pair": "a-b", "teacher": teacher,
+             "teacher_method": teacher, "teacher_options": {"w": 1.0}, "distiller": distiller,
+             "distiller_method": distiller, "distiller_options": None, "seed": seed,
+             "teacher_dir": f"t{seed}", "student_dir": None, "teacher_test_acc": 0.5}
+        if kind == "student":
+            r["student_test_acc"] = acc
+        return r
+
+    old = [row("teacher", "standard", None, 0, None), row("student", "standard", "kd", 0, 0.6),
+           row("student", "standard", "fitnet", 0, 0.1)]
+    write_results_csv(old, tmp_path / "results.csv")
+    back = read_results_csv(tmp_path / "results.csv")
+    assert back[1]["student_test_acc"] == 0.6 and back[1]["seed"] == 0
+    assert back[0]["teacher_options"] == {"w": 1.0} and back[0]["distiller"] is None
+    assert back[0].get("student_test_acc") is None
+    new = [row("student", "standard", "fitnet", 0, 0.7)]
+    merged = merge_rows(new, back)
+    fitnet = [r for r in merged if r["distiller"] == "fitnet"]
+    assert len(merged) == 3 and len(fitnet) == 1 and fitnet[0]["student_test_acc"] == 0.7
+    assert [r["kind"] for r in merged] == ["teacher", "student", "student"]

@@ -22,8 +22,9 @@ from typing import Any, Iterable, Sequence
 
 from ..engine.io import atomic_write_text
 
-__all__ = ["collect_rows", "format_summary", "mean_std", "paired_differences", "student_cells",
-           "teacher_cells", "write_report", "write_results_csv"]
+__all__ = ["collect_rows", "format_summary", "mean_std", "merge_rows", "paired_differences",
+           "read_results_csv", "student_cells", "teacher_cells", "write_report",
+           "write_results_csv"]
 
 RUN_FORMAT = "soteacher-experiment-run/1"
 META_COLUMNS = ["kind", "dataset", "pair", "teacher", "teacher_method", "teacher_options",
@@ -85,6 +86,42 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         w.writerow({k: (json.dumps(v, sort_keys=True) if isinstance(v, dict)
                         else "" if v is None else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.csv`` written by :func:`write_results_csv`: metrics as floats
+    (``None`` where empty), ``seed`` as int, option columns as dicts."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                if k in ("teacher_options", "distiller_options"):
+                    row[k] = json.loads(v) if v else None
+                elif k == "seed":
+                    row[k] = int(v)
+                elif k in META_COLUMNS:
+                    row[k] = v or None
+                else:
+                    row[k] = float(v) if v != "" else None
+            rows.append(row)
+    return rows
+
+
+def _run_key(row: dict[str, Any]) -> tuple:
+    return (row["kind"], row["dataset"], row["pair"], row["teacher"], row["distiller"] or None,
+            int(row["seed"]))
+
+
+def merge_rows(rows: Sequence[dict[str, Any]],
+               previous: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` plus the rows of ``previous`` for runs that ``rows`` does not have (same kind,
+    data, pair, teacher, distiller and seed): a partial rerun keeps the older runs' results."""
+    have = {_run_key(r) for r in rows}
+    merged = list(rows) + [r for r in previous if _run_key(r) not in have]
+    merged.sort(key=lambda r: (str(r["dataset"]), str(r["pair"]), r["kind"] != "teacher",
+                               str(r["teacher"]), str(r["distiller"] or ""), int(r["seed"])))
+    return merged
 
 
 # ---- statistics --------------------------------------------------------------------------------
@@ -231,11 +268,15 @@ def format_summary(rows: Sequence[dict[str, Any]], baseline: str = "standard") -
 
 
 def write_report(out: str | Path, baseline: str = "standard", plots: bool = True,
-                 plots_dir: str | Path | None = None) -> dict[str, Any]:
+                 plots_dir: str | Path | None = None,
+                 previous: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Write ``results.csv`` and ``summary.md`` into ``out`` and, with ``plots``, the figures
-    (into ``plots_dir``, default ``out/plots``). Returns the paths and the rows."""
+    (into ``plots_dir``, default ``out/plots``). Returns the paths and the rows. ``previous``
+    (rows of an earlier ``results.csv``) fills in the runs that ``out`` does not hold, for a
+    partial rerun (see :func:`merge_rows`); figures that read run directories (reliability
+    diagrams) use the runs in ``out`` only."""
     out = Path(out)
-    rows = collect_rows(out)
+    rows = merge_rows(collect_rows(out), previous)
     write_results_csv(rows, out / "results.csv")
     summary = format_summary(rows, baseline)
     atomic_write_text(out / "summary.md", summary + "\n")
