@@ -58,3 +58,11 @@ def test_unknown_distiller_and_option():
         build_distiller("kd", nn.Linear(2, 2), {"temp": 3})
     with pytest.raises(ValueError, match="temperature"):
         build_distiller("kd", nn.Linear(2, 2), {"temperature": 0})
+
+
+def test_kd_defaults_are_the_soteacher_scripts():
+    # shwinshaker/SoTeacher: run_student.sh passes -r 0.5 (CE) -a 0.5 (KL); config_student.py
+    # has kd_T 4
+    kd = build_distiller("kd", nn.Linear(2, 2))
+    assert (kd.temperature, kd.ce_weight, kd.kl_weight) == (4.0, 0.5, 0.5)
+    assert not kd.logit_standardize

@@ -1,7 +1,16 @@
-"""The CIFAR-100 configs of the published teacher/student pairs run end to end (shrunk), and the
-speed options, data download and throughput commands work on the CPU."""
+"""The CIFAR-100 configs: every pair in every recipe, each recipe's numbers and anchors as the
+reference it names, end-to-end runs (shrunk) of each pair and of each recipe, and the speed
+options, data download and throughput commands on the CPU.
+
+Layout: ``configs/cifar100/<teacher>-<student>.yaml`` follow the SoTeacher authors' scripts;
+``configs/cifar100/<recipe>/<teacher>-<student>.yaml`` follow the reference recipe the folder is
+named after. Every file's header names its recipe (``# recipe: NAME``) and the published anchor
+that belongs to it (``# anchor: ...``); the tables below are the reference numbers, read from the
+reference repositories (README tables, config files and log names quoted per table).
+"""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,9 +20,88 @@ from soteacher.cli.main import main
 from soteacher.config import load_config, validate
 from test_image_data import make_cifar
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "cifar100").glob("*.yaml"))
+CIFAR = Path(__file__).parents[1] / "configs" / "cifar100"
+CONFIGS = sorted(CIFAR.glob("*.yaml"))                 # the SoTeacher scripts' recipe
+RECIPE_CONFIGS = sorted(CIFAR.glob("*/*.yaml"))
 PAIRS = {"wrn_40_2-wrn_40_1", "resnet32x4-resnet8x4", "wrn_40_2-wrn_16_2", "resnet56-resnet20",
-         "vgg13-vgg8"}
+         "vgg13-vgg8", "vgg13-mobilenetv2", "resnet110-resnet32"}
+RECIPES = {"repdistiller-kd", "mdistiller-dkd", "logit-std-kd", "logit-std-dkd"}
+#: RepDistiller's train_student.py gives these students lr 0.01 instead of 0.05 (SoTeacher's
+#: config_student.py and mdistiller's configs do the same)
+LOW_LR_STUDENTS = {"mobilenetv2", "shufflev1", "shufflev2"}
+
+#: RepDistiller README, CIFAR-100 top-1 %, KD row: (student, teacher)
+REPDISTILLER_KD = {
+    "wrn_40_2-wrn_16_2": (74.92, 75.61), "wrn_40_2-wrn_40_1": (73.54, 75.61),
+    "resnet56-resnet20": (70.66, 72.34), "resnet110-resnet32": (73.08, 74.31),
+    "resnet32x4-resnet8x4": (73.33, 79.42), "vgg13-vgg8": (72.98, 74.64),
+    "vgg13-mobilenetv2": (67.37, 74.64)}
+#: mdistiller configs/cifar100/dkd/*.yaml: DKD.BETA (res32x4_res8x4.yaml sets none: the cfg
+#: default 8); README DKD row
+MDISTILLER_DKD = {
+    "resnet56-resnet20": (2.0, 71.97), "resnet110-resnet32": (2.0, 74.11),
+    "resnet32x4-resnet8x4": (8.0, 76.32), "wrn_40_2-wrn_16_2": (6.0, 76.23),
+    "wrn_40_2-wrn_40_1": (6.0, 74.81), "vgg13-vgg8": (6.0, 74.68),
+    "vgg13-mobilenetv2": (6.0, 69.71)}
+#: logit-standardization-KD README, KD+Ours row, and the log each number links to
+#: (logs/KD/kd,TEACHER,STUDENT,T,KD_WEIGHT.txt): (T, KD weight, student)
+LOGIT_STD_KD = {
+    "resnet32x4-resnet8x4": (2, 9, 76.62), "vgg13-vgg8": (3, 9, 74.36),
+    "wrn_40_2-wrn_40_1": (2, 9, 74.37), "wrn_40_2-wrn_16_2": (2, 9, 76.11),
+    "resnet56-resnet20": (2, 9, 71.43), "resnet110-resnet32": (2, 9, 74.17),
+    "vgg13-mobilenetv2": (3, 9, 68.61)}
+#: the same README's DKD+Ours row and its logs (logs/DKD/dkd,TEACHER,STUDENT,T,KD_WEIGHT[,BETA]
+#: .txt; no BETA: the cfg default 8): (T, KD weight, BETA, student). Their tools/train.py
+#: multiplies DKD.ALPHA (1) and DKD.BETA by the KD weight and sets DKD.T to the base temperature.
+LOGIT_STD_DKD = {
+    "resnet32x4-resnet8x4": (2, 9, 8.0, 77.01), "vgg13-vgg8": (2, 15, 2.0, 74.81),
+    "wrn_40_2-wrn_40_1": (2, 12, 2.0, 74.89), "wrn_40_2-wrn_16_2": (2, 12, 2.0, 76.39),
+    "resnet56-resnet20": (3, 18, 2.0, 72.32), "resnet110-resnet32": (2, 15, 2.0, 74.29),
+    "vgg13-mobilenetv2": (3, 9, 2.0, 69.98)}
+
+
+def recipe_of(path: Path) -> str:
+    return "soteacher-scripts" if path.parent == CIFAR else path.parent.name
+
+
+def header(path: Path, key: str) -> str:
+    """The value of the ``# key: value`` line of a config's header comment."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith(f"# {key}: ")]
+    assert len(lines) == 1, f"{path} must have exactly one '# {key}:' line"
+    return lines[0][len(f"# {key}: "):]
+
+
+def anchor_numbers(path: Path) -> list[float]:
+    return [float(v) for v in re.findall(r"(?:student|teacher) (\d+\.\d+)", header(path, "anchor"))]
+
+
+def expected_distill(recipe: str, pair: str) -> tuple[str, dict]:
+    """The distill section each recipe prescribes for a pair."""
+    if recipe == "soteacher-scripts":
+        return "kd", {"temperature": 4.0, "ce_weight": 0.5, "kl_weight": 0.5}
+    if recipe == "repdistiller-kd":
+        return "kd", {"temperature": 4.0, "ce_weight": 0.1, "kl_weight": 0.9}
+    if recipe == "mdistiller-dkd":
+        beta, _ = MDISTILLER_DKD[pair]
+        return "dkd", {"alpha": 1.0, "beta": beta, "temperature": 4.0, "ce_weight": 1.0,
+                       "warmup_epochs": 20}
+    if recipe == "logit-std-kd":
+        T, w, _ = LOGIT_STD_KD[pair]
+        return "kd", {"temperature": T, "ce_weight": 0.1, "kl_weight": w,
+                      "logit_standardize": True}
+    if recipe == "logit-std-dkd":
+        T, w, beta, _ = LOGIT_STD_DKD[pair]
+        return "dkd", {"alpha": 1.0 * w, "beta": beta * w, "temperature": T, "ce_weight": 1.0,
+                       "warmup_epochs": 20, "logit_standardize": True}
+    raise AssertionError(f"no expectation for recipe {recipe!r}")
+
+
+def expected_anchor(recipe: str, pair: str) -> list[float]:
+    return {"soteacher-scripts": lambda: [],
+            "repdistiller-kd": lambda: list(REPDISTILLER_KD[pair]),
+            "mdistiller-dkd": lambda: [MDISTILLER_DKD[pair][1]],
+            "logit-std-kd": lambda: [LOGIT_STD_KD[pair][-1]],
+            "logit-std-dkd": lambda: [LOGIT_STD_DKD[pair][-1]]}[recipe]()
 
 
 @pytest.fixture(autouse=True)
@@ -31,32 +119,85 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-def test_every_published_pair_has_a_config_with_the_paper_protocol():
+def shrink(config: Path, cifar_root: Path) -> list[str]:
+    return ["--config", str(config), "--quiet", "--set", f"data.options.root={cifar_root}",
+            "--set", "teacher.train.epochs=1", "--set", "student.train.epochs=1",
+            "--set", "teacher.train.batch_size=8", "--set", "student.train.batch_size=8"]
+
+
+def test_every_pair_has_a_config_in_every_recipe():
     assert {c.stem for c in CONFIGS} == PAIRS
-    for c in CONFIGS:
-        cfg = load_config(c)
-        validate(cfg)
-        t, s = cfg.teacher.model.name, cfg.student.model.name
-        assert c.stem == f"{t}-{s}"
-        for train in (cfg.teacher.train, cfg.student.train):
-            assert (train.epochs, train.batch_size, train.milestones) == (240, 64, [150, 180, 210])
-            assert (train.momentum, train.weight_decay, train.gamma) == (0.9, 5e-4, 0.1)
-        assert cfg.teacher.train.lr == 0.05 and cfg.distill.method == "kd"
-        assert cfg.distill.options == {"temperature": 4.0, "ce_weight": 0.5, "kl_weight": 0.5}
+    assert {p.name for p in CIFAR.iterdir() if p.is_dir()} == RECIPES
+    for recipe in RECIPES:
+        assert {c.stem for c in (CIFAR / recipe).glob("*.yaml")} == PAIRS, recipe
+
+
+@pytest.mark.parametrize("config", CONFIGS + RECIPE_CONFIGS,
+                         ids=lambda c: f"{recipe_of(c)}/{c.stem}")
+def test_config_follows_its_recipe(config):
+    cfg = load_config(config)
+    validate(cfg)
+    recipe, pair = recipe_of(config), config.stem
+    t, s = cfg.teacher.model.name, cfg.student.model.name
+    assert pair == f"{t}-{s}"
+    assert header(config, "recipe") == recipe
+    for train in (cfg.teacher.train, cfg.student.train):
+        assert (train.epochs, train.batch_size, train.milestones) == (240, 64, [150, 180, 210])
+        assert (train.momentum, train.weight_decay, train.gamma) == (0.9, 5e-4, 0.1)
+        assert train.schedule == "step"
+    assert cfg.teacher.train.lr == 0.05
+    assert cfg.student.train.lr == (0.01 if s in LOW_LR_STUDENTS else 0.05)
+    assert (cfg.data.name, cfg.data.augment) == ("cifar100", True)
+    # the anchors are standard-teacher numbers: a reference recipe trains that teacher
+    assert cfg.teacher.method == ("soteacher" if recipe == "soteacher-scripts" else "standard")
+    method, options = expected_distill(recipe, pair)
+    assert cfg.distill.method == method
+    assert cfg.distill.options == options
+    assert anchor_numbers(config) == expected_anchor(recipe, pair)
+    if recipe == "soteacher-scripts":
+        # RepDistiller's numbers (CE 0.1 / KL 0.9) are not this recipe's anchor
+        assert header(config, "anchor") == "none published"
+
+
+def test_dkd_beta_per_pair_is_mdistillers():
+    """The DKD beta of every pair is the one in mdistiller's CIFAR-100 config of that pair."""
+    betas = {c.stem: load_config(c).distill.options["beta"]
+             for c in (CIFAR / "mdistiller-dkd").glob("*.yaml")}
+    assert betas == {"resnet56-resnet20": 2.0, "resnet110-resnet32": 2.0,
+                     "vgg13-vgg8": 6.0, "vgg13-mobilenetv2": 6.0, "wrn_40_2-wrn_16_2": 6.0,
+                     "wrn_40_2-wrn_40_1": 6.0, "resnet32x4-resnet8x4": 8.0}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_config_runs_end_to_end_shrunk(config, cifar_root, tmp_path):
-    shrink = ["--config", str(config), "--quiet", "--set", f"data.options.root={cifar_root}",
-              "--set", "teacher.train.epochs=1", "--set", "student.train.epochs=1",
-              "--set", "teacher.train.batch_size=8", "--set", "student.train.batch_size=8"]
-    assert main(["train-teacher", "--out", str(tmp_path / "t"), *shrink]) == 0
-    assert main(["train-teacher", "--out", str(tmp_path / "ts"), *shrink,
-                 "--set", "teacher.method=standard"]) == 0
+    args = shrink(config, cifar_root)
+    assert main(["train-teacher", "--out", str(tmp_path / "t"), *args]) == 0
     assert main(["distill", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s"),
-                 *shrink]) == 0
+                 *args]) == 0
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert 0 <= summary["test_acc"] <= 1 and "test_agreement" in summary
+
+
+@pytest.fixture(scope="module")
+def standard_resnet56(cifar_root, tmp_path_factory):
+    """A (shrunk) standard teacher, trained by a reference recipe's config."""
+    out = tmp_path_factory.mktemp("standard_resnet56")
+    config = CIFAR / "repdistiller-kd" / "resnet56-resnet20.yaml"
+    assert main(["train-teacher", "--out", str(out), *shrink(config, cifar_root)]) == 0
+    assert load_config(out / "config.yaml").teacher.method == "standard"
+    return out
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_distils_end_to_end_shrunk(recipe, standard_resnet56, cifar_root, tmp_path):
+    config = CIFAR / recipe / "resnet56-resnet20.yaml"
+    assert main(["distill", "--teacher", str(standard_resnet56), "--out", str(tmp_path),
+                 *shrink(config, cifar_root)]) == 0
+    terms = {"kd": {"loss_ce", "loss_kd"},
+             "dkd": {"loss_ce", "loss_tckd", "loss_nckd"}}[load_config(config).distill.method]
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert terms <= set(first), sorted(first)
+    assert 0 <= json.loads((tmp_path / "summary.json").read_text())["test_acc"] <= 1
 
 
 @pytest.mark.parametrize("settings", [["amp=bf16"], ["amp=fp16"], ["channels_last=true"]])

@@ -11,11 +11,15 @@ from ..objective import Objective
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Z-score each row of ``logits`` (B, C): ``(z - mean(z)) / (std(z) + eps)``.
+    """Z-score each row of ``logits`` (B, C): ``(z - mean(z)) / (std(z) + eps)`` -> (B, C).
 
-    Sun et al. (2024) apply this to teacher and student logits before the temperature softmax,
-    so the student matches the teacher's logit *relations* rather than their range. ``std`` is
-    the unbiased (n - 1) standard deviation over classes, as in the authors' code.
+    Sun et al. (CVPR 2024, "Logit Standardization in Knowledge Distillation") apply this to
+    teacher and student logits before the temperature softmax, so the student matches the
+    teacher's logit *relations* rather than their range. As in the authors' code (``normalize``
+    in their ``mdistiller/distillers/KD.py``; ``tests/test_fidelity_logits.py``): ``std`` is the
+    unbiased (n - 1) standard deviation over classes, ``eps`` = 1e-7 is added to it (not to
+    the variance), the temperature then divides the z-scored logits, and the KD term keeps its
+    ``T^2`` factor; the cross-entropy term uses the raw logits.
     """
     mean = logits.mean(dim=-1, keepdim=True)
     std = logits.std(dim=-1, keepdim=True)

@@ -14,14 +14,17 @@ from .common import check_positive, check_reduction, check_weight
 
 def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
               temperature: float = 4.0) -> tuple[Tensor, Tensor]:
-    """Per-sample (B,) TCKD and NCKD, each multiplied by ``T^2``.
+    """Per-sample (B,) TCKD and NCKD of logits (B, C) and targets (B,), each times ``T^2``.
 
-    * TCKD: KL between the binary distributions ``(p_target, 1 - p_target)`` of teacher and
-      student (softmax at temperature T);
-    * NCKD: KL between the teacher's and the student's distributions over the *non-target*
-      classes only (softmax of the other logits at temperature T).
+    * TCKD: KL(teacher || student) between the binary distributions ``(p_target, 1 - p_target)``
+      of the softmax at temperature T;
+    * NCKD: KL(teacher || student) between the distributions over the *non-target* classes only
+      (softmax of the other logits at temperature T).
 
-    The target class is removed exactly (not by subtracting a large constant).
+    Their batch means are mdistiller's TCKD and NCKD (``dkd_loss`` with ``alpha, beta`` = 1, 0
+    and 0, 1; ``tests/test_fidelity_logits.py``). The target class is removed exactly, where
+    mdistiller subtracts 1000 from its logit and takes the log of summed probabilities: the two
+    agree to float precision unless a probability underflows, where mdistiller's can reach inf.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -45,7 +48,11 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0,
              beta: float = 8.0, temperature: float = 4.0, reduction: str = "mean") -> Tensor:
-    """``alpha * TCKD + beta * NCKD`` (see :func:`dkd_terms`); ``reduction`` over the batch."""
+    """``alpha * TCKD + beta * NCKD`` (see :func:`dkd_terms`); ``reduction`` over the batch.
+
+    With the default ``"mean"`` this is mdistiller's ``dkd_loss``
+    (``tests/test_fidelity_logits.py``).
+    """
     tckd, nckd = dkd_terms(student_logits, teacher_logits, target, temperature)
     return check_reduction(alpha * tckd + beta * nckd, reduction)
 
@@ -53,13 +60,29 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
 class DKD(Distiller):
     """DKD: ``ce_weight * CE + w(epoch) * (alpha * TCKD + beta * NCKD)``.
 
-    ``w(epoch) = min(epoch / warmup_epochs, 1)`` ramps the distillation terms in linearly as in
-    the reference (mdistiller): 20 warm-up epochs of 240. ``warmup_epochs=None`` scales this to
-    the run, ``num_epochs // 12``; 0 switches the warm-up off. ``logit_standardize=True``
-    z-scores both logits before the temperature softmax (Sun et al., CVPR 2024).
+    Student and teacher logits (B, C), labels (B,). With ``warmup_epochs=20`` the terms equal
+    mdistiller's ``DKD.forward_train`` (``mdistiller/distillers/DKD.py``) epoch by epoch, warm-up
+    ``w = min(epoch / 20, 1)`` over 1-based epochs included (``tests/test_fidelity_logits.py``).
 
-    Defaults (mdistiller, CIFAR-100): ``ce_weight`` 1, ``alpha`` 1, ``beta`` 8 (ImageNet: 0.5),
-    ``temperature`` 4. Terms: ``ce``, ``tckd``, ``nckd``.
+    Defaults are mdistiller's CIFAR-100 ones (``mdistiller/engine/cfg.py``): ``ce_weight`` 1,
+    ``alpha`` 1, ``beta`` 8, ``temperature`` 4. One deviation: the default
+    ``warmup_epochs=None`` scales mdistiller's 20 warm-up epochs of 240 to the run
+    (``num_epochs // 12``), which is 20 in a 240-epoch run but keeps short runs from spending
+    most of their epochs in the warm-up; ``warmup_epochs=20`` is the reference's fixed length
+    (the CIFAR configs set it), 0 switches the warm-up off.
+
+    ``beta`` depends on the pair in mdistiller's CIFAR-100 configs
+    (``configs/cifar100/dkd/*.yaml``): 2 for resnet56 -> resnet20 and resnet110 -> resnet32; 6
+    for vgg13 -> vgg8, vgg13 -> MobileNetV2, wrn_40_2 -> wrn_16_2 and wrn_40_2 -> wrn_40_1; the
+    default 8 for resnet32x4 -> resnet8x4 and the other pairs. ``configs/cifar100/mdistiller-dkd``
+    holds them. On ImageNet mdistiller uses ``beta`` 0.5 (ResNet34 -> ResNet18) or 2 (ResNet50 ->
+    MobileNetV1), ``temperature`` 1 and a 1-epoch warm-up.
+
+    ``logit_standardize=True`` z-scores both logits before the temperature softmax (Sun et al.,
+    CVPR 2024, :func:`~soteacher.distillers.base.standardize_logits`); the CE term stays on the
+    raw logits. Their published runs also multiply ``alpha`` and ``beta`` by a KD weight and
+    set the temperature to a base temperature per pair: ``configs/cifar100/logit-std-dkd``.
+    Terms: ``ce``, ``tckd``, ``nckd``.
     """
 
     def __init__(self, teacher: nn.Module, alpha: float = 1.0, beta: float = 8.0,

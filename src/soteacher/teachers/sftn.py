@@ -1,17 +1,35 @@
-"""Student-friendly teacher networks (SFTN; Park et al., NeurIPS 2021).
+"""Student-friendly teacher networks (SFTN; Park et al., NeurIPS 2021, "Learning Student-Friendly
+Teacher Networks for Knowledge Distillation", arXiv 2102.07650).
+
+Not checked against code: no official implementation was found, so this module follows the
+paper's description alone, and no test compares it with a reference.
 
 While the teacher trains, student branches hang off its intermediate features: branch ``i``
 takes the teacher's feature after teacher stage ``t_i``, maps it to the shape the student's stage
 ``s_i + 1`` expects (a teacher-to-student transform: adaptive average pooling to the student's
 resolution if it differs, 1x1 convolution, batch norm, ReLU; linear, batch norm, ReLU for vector
-features) and runs it through fresh copies of the student's remaining stages and head. The loss
-is
+features) and runs it through fresh copies of the student's remaining stages and head. With
+``q_T`` the teacher's softmax, ``q_R^i`` branch ``i``'s, and ``~`` the softmax at temperature
+``tau``, the loss is
 
-    teacher_weight * CE(q_T, y) + branch_ce_weight * sum_i CE(q_R^i, y)
-                                + branch_kl_weight * sum_i tau^2 KL(q_R^i(tau) || q_T(tau))
+    L_SFTN = lambda_T * L_T + lambda_R^CE * L_R^CE + lambda_R^KL * L_R^KL
+    L_T    = CE(q_T, y)
+    L_R^CE = sum_i CE(q_R^i, y)
+    L_R^KL = sum_i tau^2 KL(~q_R^i || ~q_T)
 
-(defaults 1, 1, 3 and ``tau = 1``), optimised jointly over teacher and branches; the branches
-belong to the objective and are discarded after training (``model.pt`` holds the teacher only).
+(``teacher_weight``, ``branch_ce_weight``, ``branch_kl_weight``, ``kl_temperature``; defaults
+1, 1, 3 and ``tau = 1``), averaged over the batch and optimised jointly over teacher and
+branches; the branches belong to the objective and are discarded after training (``model.pt``
+holds the teacher only). The KL term puts the student branch first, ``sum_c ~q_R,c log(~q_R,c /
+~q_T,c)``, the reverse of the usual KD direction; its gradient reaches both the branch and the
+teacher.
+
+Unverified: the paper's method section was not available to us (PAPER.md names SFTN only as a
+comparison reviewers asked for; the seed summary does not mention it), so no equation number of
+the paper is quoted here, and the following are this implementation's reading of the paper that
+no source at hand confirms: the weights 1 / 1 / 3 and ``tau = 1``, the KL direction
+``KL(q_R || q_T)``, the ``tau^2`` factor, sums (not means) over branches, and the transform's
+layers. The branch-point rule below for unequal stage counts is ours.
 
 Branch points: with ``K_T`` teacher and ``K_S`` student stages there are
 ``n = min(K_T, K_S) - 1`` branches; branch ``b = 1..n`` leaves after teacher stage
