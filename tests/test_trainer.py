@@ -41,6 +41,7 @@ def test_metrics_log_and_checkpoint_hold_the_whole_state(tmp_path):
     hist = t.fit()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4] and lines == hist
+    assert all(r["stage"] == "main" for r in lines)       # no preliminary stage in this run
     for r in lines:
         assert r["loss"] == pytest.approx(r["loss_ce"] + r["loss_lipschitz"] + r["loss_consistency"])
         assert r["test_metric"] == 1.0
@@ -48,6 +49,8 @@ def test_metrics_log_and_checkpoint_hold_the_whole_state(tmp_path):
     assert lines[0]["lr"] == pytest.approx(0.1) and lines[2]["lr"] == pytest.approx(0.01)
     ckpt = safe_torch_load(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 4
+    assert ckpt["init_epochs"] == 0 and ckpt["init_optimizer"] is None
+    assert ckpt["stage"] == {"name": "main", "epochs_done": 4, "steps_done": 0}
     assert torch.equal(ckpt["objective"]["consistency.bank.bank"],
                        t.objective.consistency.bank.bank)
     assert {"model", "optimizer", "rng", "versions"} <= set(ckpt)

@@ -25,7 +25,7 @@ __all__ = ["TrainResult", "train_teacher", "distill", "evaluate", "as_indexed",
 @dataclass
 class TrainResult:
     model: nn.Module
-    history: list[dict[str, Any]]      # one record per epoch, as in metrics.jsonl
+    history: list[dict[str, Any]]      # one record per epoch, as in metrics.jsonl (with "stage")
     run_dir: Path | None
 
     @property
@@ -121,6 +121,13 @@ def distill(student: nn.Module, teacher: nn.Module, train_set: Dataset, *, metho
     class docstring lists them; for KD: ``temperature``, ``ce_weight``, ``kl_weight``); feature
     methods on your own models take ``teacher_layers`` / ``student_layers`` (module names).
     ``**train`` are ``TrainSettings`` fields.
+
+    ``ab``, ``fsp`` and ``ft`` first run their preliminary stage as RepDistiller does:
+    ``init_epochs`` (option, default 30; 0 skips it) extra epochs before the ``epochs`` of the
+    main schedule, with their own optimiser and constant learning rate (option ``init_lr``);
+    ``history`` then starts with those epochs, each record marked ``"stage": "init"``. For
+    short runs lower ``init_epochs``, or pass ``init_stage="in_run"`` to use the first epochs
+    of the run itself.
     """
     settings = train_settings(**train)
     train_set = as_indexed(train_set)

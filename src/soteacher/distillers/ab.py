@@ -42,12 +42,16 @@ class AB(FeatureDistiller):
     are matched by average pooling the larger map; AB compares neurons one by one, so it needs
     the same kind of feature on both sides (a CNN/MLP pair raises a ``ValueError``).
 
-    Preliminary stage: in the paper and in RepDistiller the AB loss *initialises* the student
-    (its feature layers and the connectors are trained with the AB loss alone for 30 epochs
-    before a 240-epoch run). Here this happens inside the same run: during epochs
-    ``1..init_epochs`` (default: an eighth of the run, at least 1, see :mod:`.common`; 0
-    disables it) the step returns only ``{"ab_init": init_weight * AB}``, which trains the
-    student's stages and the connectors (the classifier gets no gradient).
+    Preliminary stage: in the paper and in RepDistiller the AB loss *initialises* the student:
+    the step returns only ``{"ab_init": init_weight * AB}``, which trains the student's feature
+    modules (stem and stages, not the classifier) and the connectors. By default
+    (``init_stage="separate"``, RepDistiller's ``init``) this takes ``init_epochs`` (default 30)
+    extra epochs before the main schedule, with its own SGD optimiser over exactly those modules
+    at the constant learning rate ``init_lr`` (default: the main run's initial rate), the rest of
+    the student in eval mode; afterwards the connectors stay fixed (eval mode, left out of the
+    main optimiser), as in the reference. ``init_stage="in_run"`` uses the first ``init_epochs``
+    epochs of the run instead (default: an eighth of it, see :mod:`.common`); ``init_epochs=0``
+    skips the stage.
 
     After the preliminary stage the reference trains with the classification loss alone
     (RepDistiller sets ``loss_kd = 0`` for AB, so its script's ``-b 1`` has no effect): hence
@@ -55,7 +59,7 @@ class AB(FeatureDistiller):
     term is then left out. ``ab_weight=1`` keeps it, the variant the reference leaves open.
 
     Defaults: ``init_weight`` 1, ``ab_weight`` 0, ``margin`` 1, ``ce_weight`` 1, ``kd_weight``
-    0 (T = 4), ``init_epochs`` None.
+    0 (T = 4), ``init_epochs`` None (30), ``init_stage`` "separate", ``init_lr`` None.
     """
 
     name = "ab"
@@ -64,7 +68,8 @@ class AB(FeatureDistiller):
 
     def __init__(self, teacher: nn.Module, student: nn.Module | None = None,
                  init_weight: float = 1.0, ab_weight: float = 0.0, margin: float = 1.0,
-                 init_epochs: int | None = None, ce_weight: float = 1.0,
+                 init_epochs: int | None = None, init_stage: str = "separate",
+                 init_lr: float | None = None, ce_weight: float = 1.0,
                  kd_weight: float = 0.0, temperature: float = 4.0,
                  teacher_layers: Sequence[str] | Mapping[str, Any] | None = None,
                  student_layers: Sequence[str] | Mapping[str, Any] | None = None,
@@ -72,7 +77,7 @@ class AB(FeatureDistiller):
         super().__init__(teacher, student, ce_weight=ce_weight, kd_weight=kd_weight,
                          temperature=temperature, teacher_layers=teacher_layers,
                          student_layers=student_layers, input_shape=input_shape,
-                         init_epochs=init_epochs)
+                         init_epochs=init_epochs, init_stage=init_stage, init_lr=init_lr)
         self.ab_weight = check_weight("ab_weight", ab_weight)
         self.init_weight = check_weight("init_weight", init_weight)
         self.margin = check_positive("margin", margin)
@@ -95,6 +100,12 @@ class AB(FeatureDistiller):
 
     def init_terms(self, s_feats, t_feats) -> dict[str, Tensor]:
         return {"ab_init": self.init_weight * self.ab_total(s_feats, t_feats)}
+
+    def init_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [self.connectors, *super().init_modules(model)]
+
+    def frozen_after_init(self) -> list[nn.Module]:
+        return [self.connectors]
 
     def distill_terms(self, s_feats, t_feats, y, index) -> dict[str, Tensor]:
         if self.ab_weight == 0:

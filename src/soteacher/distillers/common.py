@@ -12,12 +12,16 @@
 * returns ``ce_weight * CE + kd_weight * KD(T) + <the method's own weighted terms>``; the KD term
   is left out while ``kd_weight`` is 0, its default for every feature method (RepDistiller runs
   them with ``-r 1 -a 0``);
-* optionally runs a preliminary stage (``init_epochs``, for AB, FSP and FT, whose reference
-  code trains a part of the model before distillation proper) inside the same training run:
-  during epochs ``1..init_epochs`` only the method's preliminary loss terms are returned. The
-  default ``init_epochs=None`` scales RepDistiller's 30 preliminary epochs (before a 240-epoch
-  run) to the run: ``num_epochs // 8``, but at least 1 in runs of two epochs or more (and 0 in
-  a one-epoch run).
+* runs the preliminary stage of AB, FSP and FT as their reference code does (RepDistiller's
+  ``init``): by default (``init_stage="separate"``) ``init_epochs`` (default 30) *extra* epochs
+  before the main schedule, which then runs in full; only the method's preliminary loss is
+  trained, with its own SGD optimiser at a constant learning rate (``init_lr``; by default the
+  main run's, 0.01 for FT with a CIFAR ResNet/WRN student), over the modules the reference
+  trains; the student is in eval mode except those modules (the trainer runs the stage that
+  :meth:`FeatureDistiller.preliminary_stage` describes). ``init_stage="in_run"`` uses the first
+  ``init_epochs`` epochs of the run itself with the run's optimiser and schedule (default
+  ``num_epochs // 8``, RepDistiller's 30 of 240, at least 1 in runs of two epochs or more);
+  ``init_epochs=0`` skips the stage in both.
 
 Stage pairing. When teacher and student report different numbers of stages, they are aligned
 from the deepest: the last ``k = min(n_teacher, n_student)`` stages of each are paired in order.
@@ -43,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import FeatureNet
 from ..models.features import FeatureExtractor, layer_spec, model_device, model_dtype
-from ..objective import StepOutput
+from ..objective import PreliminaryStage, StepOutput
 from .base import Distiller
 from .kd import kd_loss
 
@@ -186,6 +191,27 @@ def channel_view(v: Tensor, like: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (like.dim() - 2)))
 
 
+# ---- the preliminary stage ----------------------------------------------------------------------
+#: how the preliminary stage of AB, FSP and FT runs (see the module docstring)
+INIT_STAGES = ("separate", "in_run")
+
+
+def feature_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that compute its features: for a registered model
+    (:class:`~soteacher.models.FeatureNet`) its children up to and including ``stages`` (stem
+    and stages; not what follows the last stage, such as WRN's final batch norm, MobileNetV2's
+    last convolution, or the ``head``), the modules RepDistiller's ``get_feat_modules`` lists;
+    for any other model the whole model (the preliminary losses give no gradient to its
+    classifier, so its weights stay unchanged).
+    """
+    if isinstance(model, FeatureNet):
+        children = list(model.named_children())
+        names = [n for n, _ in children]
+        if "stages" in names:
+            return [m for _, m in children[:names.index("stages") + 1]]
+    return [model]
+
+
 # ---- the base class ------------------------------------------------------------------------------
 class FeatureDistiller(Distiller):
     """Base class of the feature-based distillers (see the module docstring).
@@ -199,7 +225,9 @@ class FeatureDistiller(Distiller):
     name = "feature"
     preact = False
     has_init_stage = False
-    #: fraction of the run used by the preliminary stage when ``init_epochs`` is None:
+    #: RepDistiller's ``--init_epochs``: preliminary epochs before the main schedule.
+    reference_init_epochs = 30
+    #: fraction of the run used by an ``in_run`` preliminary stage when ``init_epochs`` is None:
     #: RepDistiller runs 30 preliminary epochs before a 240-epoch distillation.
     init_fraction = 30 / 240
 
@@ -207,15 +235,13 @@ class FeatureDistiller(Distiller):
                  kd_weight: float, temperature: float,
                  teacher_layers: Sequence[str] | Mapping[str, Any] | None,
                  student_layers: Sequence[str] | Mapping[str, Any] | None,
-                 input_shape: Sequence[int] | None, init_epochs: int | None = None) -> None:
+                 input_shape: Sequence[int] | None, init_epochs: int | None = None,
+                 init_stage: str = "separate", init_lr: float | None = None) -> None:
         super().__init__(teacher)
         self.ce_weight = check_weight("ce_weight", ce_weight)
         self.kd_weight = check_weight("kd_weight", kd_weight)
         self.temperature = check_positive("temperature", temperature)
-        if init_epochs is not None and (isinstance(init_epochs, bool) or int(init_epochs) != init_epochs
-                                        or init_epochs < 0):
-            raise ValueError(f"init_epochs must be an int >= 0 or None, got {init_epochs!r}")
-        self.init_epochs = None if init_epochs is None else int(init_epochs)
+        self.set_init_stage_options(init_epochs, init_stage, init_lr)
         if student is None:
             raise ValueError(f"distiller {self.name!r} needs the student model to infer feature "
                              f"shapes; pass student= to build_distiller")
@@ -277,13 +303,38 @@ class FeatureDistiller(Distiller):
             return global_pool(t), global_pool(s)
         return match_spatial(t, s)
 
-    # ---- stages ---------------------------------------------------------------------------------
+    # ---- the preliminary stage -----------------------------------------------------------------
+    def set_init_stage_options(self, init_epochs: int | None, init_stage: str,
+                               init_lr: float | None) -> None:
+        """Check and store the preliminary-stage options (see the module docstring)."""
+        if init_epochs is not None and (isinstance(init_epochs, bool) or
+                                        not isinstance(init_epochs, (int, float)) or
+                                        int(init_epochs) != init_epochs or init_epochs < 0):
+            raise ValueError(f"init_epochs must be an int >= 0 or None, got {init_epochs!r}")
+        if init_stage not in INIT_STAGES:
+            raise ValueError(f"unknown init_stage {init_stage!r}; use 'separate' (the reference: "
+                             f"extra epochs before the main schedule) or 'in_run' (the first "
+                             f"epochs of the run)")
+        if init_lr is not None:
+            init_lr = check_positive("init_lr", init_lr)
+            if init_stage == "in_run":
+                raise ValueError("init_lr applies to init_stage='separate' only (an in-run "
+                                 "preliminary stage uses the run's learning rate); drop init_lr")
+        self.init_epochs = None if init_epochs is None else int(init_epochs)
+        self.init_stage = init_stage
+        self.init_lr = init_lr
+
     def init_stage_epochs(self) -> int:
-        """Number of preliminary epochs of this run (0 for methods without one)."""
+        """Number of preliminary epochs (0 for methods without a preliminary stage): with
+        ``init_stage="separate"`` extra epochs before the main schedule (default 30), with
+        ``"in_run"`` the first epochs of the ``num_epochs`` of the run (default
+        ``num_epochs // 8``, at least 1 in runs of two epochs or more)."""
         if not self.has_init_stage:
             return 0
         if self.init_epochs is not None:
             return self.init_epochs
+        if self.init_stage == "separate":
+            return self.reference_init_epochs
         if self.num_epochs < 2:
             return 0
         # At least one preliminary epoch, and at least one epoch of distillation.
@@ -291,13 +342,45 @@ class FeatureDistiller(Distiller):
 
     @property
     def in_init_stage(self) -> bool:
-        return self.epoch <= self.init_stage_epochs()
+        return self.stage == "init"
 
     def set_epoch(self, epoch: int, num_epochs: int) -> None:
         super().set_epoch(epoch, num_epochs)
-        if self.has_init_stage and self.init_epochs is not None and self.init_epochs >= num_epochs:
+        if not self.has_init_stage or self.init_stage != "in_run":
+            return    # a separate stage is switched by the trainer (set_stage)
+        if self.init_epochs is not None and self.init_epochs >= num_epochs:
             raise ValueError(f"init_epochs={self.init_epochs} leaves no epoch for distillation in "
                              f"a {num_epochs}-epoch run; lower init_epochs")
+        self.stage = "init" if epoch <= self.init_stage_epochs() else "main"
+
+    def preliminary_stage(self, model: nn.Module, lr: float) -> PreliminaryStage | None:
+        """The separate preliminary stage for the student ``model`` when the main run starts at
+        learning rate ``lr`` (``None`` without one, or with ``init_stage="in_run"``):
+        :meth:`init_stage_epochs` epochs training :meth:`init_modules` at :meth:`init_stage_lr`,
+        after which :meth:`frozen_after_init` stay fixed."""
+        if not self.has_init_stage or self.init_stage != "separate":
+            return None
+        epochs = self.init_stage_epochs()
+        if epochs == 0:
+            return None
+        return PreliminaryStage(epochs=epochs, lr=self.init_stage_lr(model, lr),
+                                modules=self.init_modules(model),
+                                frozen=self.frozen_after_init())
+
+    def init_stage_lr(self, model: nn.Module, lr: float) -> float:
+        """Learning rate of the separate preliminary stage: ``init_lr`` if given, else the main
+        run's initial ``lr`` (RepDistiller's rule for AB and FSP)."""
+        return self.init_lr if self.init_lr is not None else lr
+
+    def init_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules trained (and in train mode) in the separate preliminary stage; by default the
+        student's feature modules (:func:`feature_modules`)."""
+        return feature_modules(model)
+
+    def frozen_after_init(self) -> list[nn.Module]:
+        """The distiller's modules that the main stage keeps fixed after a separate preliminary
+        stage (none by default)."""
+        return []
 
     # ---- the step -------------------------------------------------------------------------------
     def student_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Any]]:

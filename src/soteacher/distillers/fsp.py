@@ -45,9 +45,13 @@ class FSP(FeatureDistiller):
     mismatch at construction. No learnable parts.
 
     Preliminary stage: as in the paper and RepDistiller, the FSP loss first trains the student's
-    feature layers alone; here during epochs ``1..init_epochs`` of the same run (default: an
-    eighth of the run, at least 1, see :mod:`.common`; 0 disables) the step returns only
-    ``{"fsp_init": init_weight * FSP}``.
+    feature modules (stem and stages, not the classifier) alone: the step returns only
+    ``{"fsp_init": init_weight * FSP}``. By default (``init_stage="separate"``, RepDistiller's
+    ``init``) this takes ``init_epochs`` (default 30) extra epochs before the main schedule,
+    with its own SGD optimiser over those modules at the constant learning rate ``init_lr``
+    (default: the main run's initial rate), the rest of the student in eval mode.
+    ``init_stage="in_run"`` uses the first ``init_epochs`` epochs of the run instead (default:
+    an eighth of it, see :mod:`.common`); ``init_epochs=0`` skips the stage.
 
     After the preliminary stage the reference trains with the classification loss alone
     (RepDistiller sets ``loss_kd = 0`` for FSP, so its script's ``-b 50`` has no effect): hence
@@ -56,7 +60,7 @@ class FSP(FeatureDistiller):
     matrices of un-normalised features can be very large.
 
     Defaults: ``init_weight`` 1, ``fsp_weight`` 0, ``ce_weight`` 1, ``kd_weight`` 0 (T = 4),
-    ``init_epochs`` None.
+    ``init_epochs`` None (30), ``init_stage`` "separate", ``init_lr`` None.
     """
 
     name = "fsp"
@@ -64,7 +68,8 @@ class FSP(FeatureDistiller):
 
     def __init__(self, teacher: nn.Module, student: nn.Module | None = None,
                  init_weight: float = 1.0, fsp_weight: float = 0.0,
-                 init_epochs: int | None = None, ce_weight: float = 1.0,
+                 init_epochs: int | None = None, init_stage: str = "separate",
+                 init_lr: float | None = None, ce_weight: float = 1.0,
                  kd_weight: float = 0.0, temperature: float = 4.0,
                  teacher_layers: Sequence[str] | Mapping[str, Any] | None = None,
                  student_layers: Sequence[str] | Mapping[str, Any] | None = None,
@@ -72,7 +77,7 @@ class FSP(FeatureDistiller):
         super().__init__(teacher, student, ce_weight=ce_weight, kd_weight=kd_weight,
                          temperature=temperature, teacher_layers=teacher_layers,
                          student_layers=student_layers, input_shape=input_shape,
-                         init_epochs=init_epochs)
+                         init_epochs=init_epochs, init_stage=init_stage, init_lr=init_lr)
         self.fsp_weight = check_weight("fsp_weight", fsp_weight)
         self.init_weight = check_weight("init_weight", init_weight)
         self.need_stages(2)

@@ -9,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.resnet_cifar import CifarResNet
+from ..models.wrn import WideResNet
 from ..objective import StepOutput
 from .common import (FeatureDistiller, adaptive_pool, batch_norm, check_positive,
                      check_reduction, check_weight, match_spatial)
 
+
+#: RepDistiller's preliminary-stage learning rate for FT with a CIFAR ResNet or WRN student.
+REFERENCE_SMALL_LR = 0.01
 
 
 def ft_factor(factor: Tensor, p1: float = 2.0) -> Tensor:
@@ -109,17 +114,23 @@ class FT(FeatureDistiller):
     feature maps: a CNN/MLP pair or two MLPs raise a ``ValueError`` (a vector has a single
     position, whose normalised factor is always 1, so the loss would be identically 0).
 
-    Preliminary stage: the reference pretrains the paraphraser as an autoencoder (reconstruction
-    loss on teacher features) before distillation. Here it happens inside the same run: during
-    epochs ``1..init_epochs`` (default: an eighth of the run, at least 1) the step returns
-    only ``{"ft_rec": init_weight * MSE(paraphraser(f_t), f_t)}``; the student is run in eval
-    mode without gradients, so it is untouched (its logits are still returned). After that the
-    paraphraser is frozen (eval mode, no gradient), as in the reference. ``init_epochs=0`` skips
-    the pretraining (the paraphraser then stays at its random initialisation).
+    Preliminary stage: the paraphraser is first trained alone as an autoencoder of the
+    teacher's feature, the step returning only ``{"ft_rec": init_weight * MSE(paraphraser(f_t),
+    f_t)}`` on the teacher's own feature map; the student is run in eval mode without gradients,
+    so it is untouched (its logits are still returned). By default (``init_stage="separate"``,
+    RepDistiller's ``init``) this takes ``init_epochs`` (default 30) extra epochs before the main
+    schedule, with its own SGD optimiser over the paraphraser alone at the constant learning
+    rate ``init_lr``: by default 0.01 for a CIFAR ResNet or WRN student (the reference's rule
+    for ``resnet8..110``, ``resnet8x4``, ``resnet32x4``, ``wrn_*``), else the main run's
+    initial rate. ``init_stage="in_run"`` uses the first ``init_epochs`` epochs of the run
+    (default: an eighth of it, see :mod:`.common`). Afterwards the paraphraser is frozen (eval
+    mode, left out of the main optimiser), as in the reference. ``init_epochs=0`` skips the
+    pretraining (the paraphraser then stays at its random initialisation).
 
     Defaults (RepDistiller): ``ft_weight`` 200, ``rate`` 0.5, ``p1`` 2, ``p2`` 1,
     ``paraphraser_bn`` False, ``translator_bn`` True, ``init_weight`` 1, ``ce_weight`` 1,
-    ``kd_weight`` 0 (T = 4), ``init_epochs`` None (see :mod:`.common`).
+    ``kd_weight`` 0 (T = 4), ``init_epochs`` None (30), ``init_stage`` "separate",
+    ``init_lr`` None (the rule above).
     """
 
     name = "ft"
@@ -129,6 +140,7 @@ class FT(FeatureDistiller):
                  ft_weight: float = 200.0, rate: float = 0.5, p1: float = 2.0, p2: float = 1.0,
                  paraphraser_bn: bool = False, translator_bn: bool = True,
                  init_epochs: int | None = None, init_weight: float = 1.0,
+                 init_stage: str = "separate", init_lr: float | None = None,
                  ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
                  teacher_layers: Sequence[str] | Mapping[str, Any] | None = None,
                  student_layers: Sequence[str] | Mapping[str, Any] | None = None,
@@ -136,7 +148,7 @@ class FT(FeatureDistiller):
         super().__init__(teacher, student, ce_weight=ce_weight, kd_weight=kd_weight,
                          temperature=temperature, teacher_layers=teacher_layers,
                          student_layers=student_layers, input_shape=input_shape,
-                         init_epochs=init_epochs)
+                         init_epochs=init_epochs, init_stage=init_stage, init_lr=init_lr)
         self.ft_weight = check_weight("ft_weight", ft_weight)
         self.init_weight = check_weight("init_weight", init_weight)
         self.p1 = check_positive("p1", p1)
@@ -162,11 +174,22 @@ class FT(FeatureDistiller):
             model.train(was_training)
         _, t_feats = self.teacher_features(x)
         self.paraphraser.train(self.training)
-        t = t_feats["stages"][-1]
-        if t.dim() > 2:
-            t = adaptive_pool(t, self.common_size)
+        t = t_feats["stages"][-1]        # at the teacher's own size, as the main stage encodes it
         _, rec = self.paraphraser(t)
         return StepOutput(s_logits, {"ft_rec": self.init_weight * F.mse_loss(rec, t)})
+
+    def init_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [self.paraphraser]
+
+    def frozen_after_init(self) -> list[nn.Module]:
+        return [self.paraphraser]
+
+    def init_stage_lr(self, model: nn.Module, lr: float) -> float:
+        """``init_lr`` if given; else 0.01 for a CIFAR ResNet or WRN student, the main ``lr``
+        otherwise (RepDistiller's ``init`` for FT)."""
+        if self.init_lr is not None:
+            return self.init_lr
+        return REFERENCE_SMALL_LR if isinstance(model, (CifarResNet, WideResNet)) else lr
 
     def distill_terms(self, s_feats, t_feats, y, index) -> dict[str, Tensor]:
         self.paraphraser.eval()          # frozen after its pretraining

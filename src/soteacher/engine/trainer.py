@@ -5,6 +5,13 @@ step the optimiser. Every epoch (and, if asked, every few steps): evaluate, appe
 ``metrics.jsonl`` and write a checkpoint holding the whole training state, so that a run killed
 at any moment resumes to the very same weights.
 
+An objective may ask for a preliminary stage (:class:`~soteacher.objective.PreliminaryStage`,
+e.g. the ``init`` stage RepDistiller runs for AB, FSP and FT): its epochs run first, through the
+same loop, with their own optimiser and constant learning rate, and then the main schedule runs
+in full with its own optimiser. Every record says which stage its epoch belongs to
+(``"stage": "init"`` or ``"main"``; ``"epoch"`` counts within the stage) and every checkpoint
+holds both optimisers and the stage progress.
+
 Under torchrun (a process group of several processes) the same loop runs with
 DistributedDataParallel; see :mod:`soteacher.engine.distributed` for how a run on W processes
 keeps to the single-process run (global batch, per-sample state, randomness, checkpoints).
@@ -12,6 +19,7 @@ keeps to the single-process run (global batch, per-sample state, randomness, che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -71,6 +79,16 @@ class Trainer:
     they fit (``data_on_device``, default: when under 2 GiB), so batches never cross the bus.
     ``callbacks`` run after every epoch's evaluation and once before the final weights are saved
     (see ``Callback``); their state goes into every checkpoint.
+
+    When the objective asks for a preliminary stage (``objective.preliminary_stage(model, lr)``),
+    its ``epochs`` run before the ``settings.epochs`` of the main schedule, which then run in
+    full: the preliminary epochs optimise only the stage's modules with their own SGD optimiser
+    at the stage's constant learning rate (momentum, Nesterov and weight decay from
+    ``settings``), with the model in eval mode except those modules; they are not evaluated and
+    callbacks do not see them. The main stage starts with a fresh optimiser over the model and
+    the objective's trainable parameters except the stage's ``frozen`` modules (kept in eval
+    mode). ``self.epoch`` counts the epochs of the whole run (preliminary ones first); records
+    count within their stage.
 
     When a process group of more than one process is initialised (torchrun), training is
     distributed: ``settings.batch_size`` is the global batch, each process trains on its slice
@@ -136,13 +154,27 @@ class Trainer:
         self.model_spec = model_spec
         self.num_classes = num_classes
         self.config = config
+        self.name = name
         self.progress = Progress(name, settings.epochs, enabled=progress and self.is_main)
+        self._progress_bars = {("main", name): self.progress}
         own = {id(p) for p in self.model.parameters()}
         extra = [p for p in self.objective.parameters() if p.requires_grad and id(p) not in own]
         # DDP averages the model's gradients; the objective's own parameters are averaged here.
         self._extra_params = extra
-        self.optimizer = build_optimizer(list(self.model.parameters()) + extra, settings)
-        self.epoch = 0                 # epochs completed
+        # A preliminary stage: its own optimiser over its modules; the main optimiser leaves out
+        # what the stage freezes afterwards.
+        ask = getattr(self.objective, "preliminary_stage", None)
+        plan = ask(self.model, settings.lr) if ask is not None else None
+        self.plan = plan if plan is not None and plan.epochs > 0 else None
+        self.init_epochs = self.plan.epochs if self.plan is not None else 0
+        self.init_optimizer: torch.optim.Optimizer | None = None
+        frozen: set[int] = set()
+        if self.plan is not None:
+            self.init_optimizer = self._build_init_optimizer(self.plan)
+            frozen = {id(p) for m in self.plan.frozen for p in m.parameters()}
+        main_params = [p for p in list(self.model.parameters()) + extra if id(p) not in frozen]
+        self.optimizer = build_optimizer(main_params, settings)
+        self.epoch = 0                 # epochs of the run completed, preliminary ones included
         self.step = 0                  # steps completed inside epoch `self.epoch + 1`
         self.history: list[dict[str, Any]] = []
         self._partial: dict[str, Any] | None = None   # running sums of the unfinished epoch
@@ -155,17 +187,69 @@ class Trainer:
             self._arrays = (train_set.x.to(dev), train_set.y.to(dev))
             self._check_labels(train_set.y, torch.arange(len(train_set)))   # once, up front
 
+    def _build_init_optimizer(self, plan) -> torch.optim.Optimizer:
+        if not (isinstance(plan.lr, (int, float)) and math.isfinite(plan.lr) and plan.lr > 0):
+            raise ValueError(f"the preliminary stage's learning rate must be a finite number > 0, "
+                             f"got {plan.lr!r}; set the distiller's init_lr option")
+        params: dict[int, nn.Parameter] = {}
+        for m in plan.modules:
+            for p in m.parameters():
+                if p.requires_grad:
+                    params.setdefault(id(p), p)
+        if not params:
+            raise ValueError("the preliminary stage has no trainable parameters; set the "
+                             "distiller's init_epochs=0 to skip it")
+        return build_optimizer(params.values(), dataclasses.replace(self.s, lr=float(plan.lr)))
+
+    # ---- stages ------------------------------------------------------------------------------
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run: the preliminary stage's, then the main schedule's."""
+        return self.init_epochs + self.s.epochs
+
+    def stage_of(self, run_epoch: int) -> tuple[str, int]:
+        """The stage (``"init"`` or ``"main"``) of 1-based epoch ``run_epoch`` of the whole run,
+        and the epoch's 1-based number inside that stage."""
+        if run_epoch <= self.init_epochs:
+            return "init", run_epoch
+        return "main", run_epoch - self.init_epochs
+
+    def _progress(self, stage: str) -> Progress:
+        # A run without a preliminary stage keeps its plain name; otherwise every line names
+        # its stage (an objective may also label epochs of one run as "init", see ab/fsp/ft's
+        # init_stage="in_run").
+        labelled = stage != "main" or self.plan is not None
+        name = f"{self.name} [{stage} stage]" if labelled else self.name
+        key = (stage, name)
+        if key not in self._progress_bars:
+            total = self.init_epochs if (stage == "init" and self.plan is not None) else self.s.epochs
+            self._progress_bars[key] = Progress(name, total, stream=self.progress.stream,
+                                                enabled=self.progress.enabled)
+        return self._progress_bars[key]
+
+    def _stage_progress(self) -> dict[str, Any]:
+        """The stage the run is in (of its next step) and the epochs and steps done in it."""
+        if self.epoch >= self.total_epochs:
+            return {"name": "main", "epochs_done": self.s.epochs, "steps_done": 0}
+        stage, epoch = self.stage_of(self.epoch + 1)
+        return {"name": stage, "epochs_done": epoch - 1, "steps_done": self.step}
+
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
             "step": self.step,
+            # the preliminary stage's length (0: none) and where the run stands in its stages
+            "init_epochs": self.init_epochs,
+            "stage": self._stage_progress(),
             "partial": self._partial,
             "seed": self.seed,
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "init_optimizer": (self.init_optimizer.state_dict()
+                               if self.init_optimizer is not None else None),
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "cuda_device": self.device.index if self.device.type == "cuda" else None,
@@ -181,6 +265,12 @@ class Trainer:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise CheckpointError(f"not a soteacher training checkpoint (format {found!r}, "
                                   f"expected {CHECKPOINT_FORMAT!r})")
+        saved_init = int(state.get("init_epochs", 0))
+        if saved_init != self.init_epochs:
+            raise CheckpointError(
+                f"the checkpoint was written by a run with a preliminary stage of {saved_init} "
+                f"epoch(s), this run has {self.init_epochs}; resume with the distiller options "
+                f"of the original run (init_epochs, init_stage)")
         try:
             self.model.load_state_dict(state["model"])
             self.objective.load_state_dict(state["objective"])
@@ -188,6 +278,11 @@ class Trainer:
             raise CheckpointError(f"the checkpoint does not fit this model/objective (was it "
                                   f"written with another config?): {e}") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.init_optimizer is not None:
+            if state.get("init_optimizer") is None:
+                raise CheckpointError("the checkpoint has no preliminary-stage optimiser although "
+                                      "its run had a preliminary stage; it cannot be resumed")
+            self.init_optimizer.load_state_dict(state["init_optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
@@ -300,22 +395,27 @@ class Trainer:
         else:
             torch.manual_seed(self.seed)
         E = self.s.epochs
-        for epoch in range(self.epoch + 1, E + 1):
+        for run_epoch in range(self.epoch + 1, self.total_epochs + 1):
+            stage, epoch = self.stage_of(run_epoch)
             if self._stop_requested():      # a resumed run that had already stopped
                 break
-            record = self._train_epoch(epoch)
-            if self.evaluate_fn is not None and (
-                    epoch == E or (self.s.eval_every and epoch % self.s.eval_every == 0)):
-                # Rank 0 evaluates; every process gets its metrics (callbacks may act on them).
-                record.update(distributed.run_on_main(self.evaluate_fn, self.model))
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, record)
-            stop = self._stop_requested() and epoch < E
-            if stop:
-                record["stopped_early"] = True
-            self.epoch, self.step, self._partial = epoch, 0, None
+            record = self._train_epoch(run_epoch)
+            stop = False
+            if stage == "main":
+                # The preliminary stage is neither evaluated nor seen by callbacks (the
+                # reference evaluates only the main schedule).
+                if self.evaluate_fn is not None and (
+                        epoch == E or (self.s.eval_every and epoch % self.s.eval_every == 0)):
+                    # Rank 0 evaluates; every process gets its metrics (callbacks may act on them).
+                    record.update(distributed.run_on_main(self.evaluate_fn, self.model))
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, record)
+                stop = self._stop_requested() and epoch < E
+                if stop:
+                    record["stopped_early"] = True
+            self.epoch, self.step, self._partial = run_epoch, 0, None
             self.history.append(record)
-            self.progress.epoch_end(record)
+            self._progress(record["stage"]).epoch_end(record)
             if self.run_dir is not None:
                 self._write_checkpoint()
             if stop:
@@ -328,20 +428,44 @@ class Trainer:
         return self.history
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
-        """Train one whole epoch from its first step and return its record; nothing is written
-        (for benchmarks and custom schedules)."""
+        """Train one whole epoch (``epoch`` of the whole run, see :meth:`stage_of`) from its
+        first step and return its record; nothing is written (for benchmarks and custom
+        schedules)."""
         self.step, self._partial = 0, None
         return self._train_epoch(epoch)
 
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
-        self._wrap_ddp()
-        self.model.train()
+    def _enter_stage(self, stage: str, epoch: int) -> tuple[torch.optim.Optimizer, float]:
+        """Set train/eval modes and the objective's stage and epoch for ``epoch`` of ``stage``;
+        return the optimiser and learning rate of the epoch."""
         if self.ddp is not None:
             self.ddp.train()
+        self.model.train()
         self.objective.train()
+        if self.plan is None:
+            if hasattr(self.objective, "set_stage"):
+                self.objective.set_stage("main")
+            self.objective.set_epoch(epoch, self.s.epochs)
+            return self.optimizer, learning_rate(self.s, epoch)
+        self.objective.set_stage(stage)
+        if stage == "init":
+            self.model.eval()
+            for m in self.plan.modules:
+                m.train()
+            self.objective.set_epoch(epoch, self.init_epochs)
+            return self.init_optimizer, float(self.plan.lr)
+        for m in self.plan.frozen:
+            m.eval()
         self.objective.set_epoch(epoch, self.s.epochs)
-        lr = learning_rate(self.s, epoch)
-        for group in self.optimizer.param_groups:
+        return self.optimizer, learning_rate(self.s, epoch)
+
+    def _train_epoch(self, run_epoch: int) -> dict[str, Any]:
+        self._wrap_ddp()
+        stage, epoch = self.stage_of(run_epoch)
+        optimizer, lr = self._enter_stage(stage, epoch)
+        # The objective may label epochs of the main schedule itself (ab/fsp/ft in_run).
+        stage = getattr(self.objective, "stage", stage) if self.plan is None else stage
+        progress = self._progress(stage)
+        for group in optimizer.param_groups:
             group["lr"] = lr
         steps = self.steps_per_epoch()
         # Running sums stay on the device (no sync per step) and are saved with mid-epoch
@@ -354,7 +478,8 @@ class Trainer:
         correct = torch.tensor(p["correct"], device=self.device)
         seen, skipped = p["seen"], p["skipped"]
         t0 = time.perf_counter() - p["time"]
-        for step, (x, y, idx) in enumerate(self._batches(epoch, self.step), start=self.step + 1):
+        for step, (x, y, idx) in enumerate(self._batches(run_epoch, self.step),
+                                            start=self.step + 1):
             if self._arrays is None:
                 self._check_labels(y, idx)     # CPU tensors from the loader: no sync
             x = x.to(self.device, non_blocking=True)
@@ -362,7 +487,7 @@ class Trainer:
             idx = idx.to(self.device, non_blocking=True)
             with torch.no_grad():
                 if self.augment is not None:
-                    x = self._augment(x, epoch, step)
+                    x = self._augment(x, run_epoch, step)
                 if self.preprocess is not None:
                     x = self.preprocess(x)
                 if self.s.channels_last and x.dim() == 4:
@@ -372,11 +497,11 @@ class Trainer:
                     self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.objective(self.forward_model, x, y, idx)
                 loss = sum(out.losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             # Every process takes the same branch: one non-finite slice skips the global step.
             if not distributed.all_true(torch.isfinite(loss), self.device):
                 if self.s.nonfinite == "error":
-                    self._raise_non_finite(epoch, step, out.losses)
+                    self._raise_non_finite(epoch, step, out.losses, stage)
                 skipped += 1
             else:
                 if sizes is not None and sizes[self.rank] * self.world != sum(sizes):
@@ -386,14 +511,14 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 if self.distributed:
                     self._average_extra_grads()
-                self.scaler.step(self.optimizer)
+                self.scaler.step(optimizer)
                 self.scaler.update()
                 for k, v in out.losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() * len(y)
                 correct += (out.logits.detach().argmax(1) == y).sum()
                 seen += len(y)
             self.step = step
-            self.progress.step(epoch, step, steps)
+            progress.step(epoch, step, steps)
             if (self.run_dir is not None and self.s.checkpoint_every
                     and step % self.s.checkpoint_every == 0 and step < steps):
                 tot_sums, tot_correct, tot_seen = self._totals(sums, correct, seen)
@@ -402,7 +527,7 @@ class Trainer:
                 self._write_checkpoint()
         tot_sums, tot_correct, seen = self._totals(sums, correct, seen)
         terms = {k: v / max(seen, 1) for k, v in tot_sums.items()}
-        record = {"epoch": epoch, "lr": lr, "loss": sum(terms.values()),
+        record = {"epoch": epoch, "stage": stage, "lr": lr, "loss": sum(terms.values()),
                   **{f"loss_{k}": v for k, v in terms.items()},
                   "train_acc": tot_correct / max(seen, 1),
                   "epoch_time": time.perf_counter() - t0}
@@ -457,14 +582,16 @@ class Trainer:
                              f"[0, {self.num_classes}); labels must be class indices "
                              f"0..{self.num_classes - 1}")
 
-    def _raise_non_finite(self, epoch: int, step: int, losses: dict[str, Tensor]) -> None:
+    def _raise_non_finite(self, epoch: int, step: int, losses: dict[str, Tensor],
+                          stage: str = "main") -> None:
         bad = [f"{k}={float(v.detach())}" for k, v in losses.items() if not torch.isfinite(v)]
         where = (f"the last good checkpoint (epoch {self.epoch}, step {self.step}) is "
                  f"{self.run_dir / CHECKPOINT}"
                  if self.run_dir is not None and (self.epoch or self.step)
                  else "no checkpoint was written yet")
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, step {step}: {', '.join(bad) or 'total'}; "
+            f"non-finite loss at {'' if stage == 'main' else stage + '-stage '}epoch {epoch}, "
+            f"step {step}: {', '.join(bad) or 'total'}; "
             f"{where}. Lower the learning rate or the loss weights, check the data for NaNs, "
             f"or set train.nonfinite=skip to drop such steps.")
 
@@ -488,9 +615,11 @@ class Trainer:
         # Loaded to the CPU: load_state_dict copies each tensor to where its module lives (a
         # bank kept on the CPU stays there), and the RNG states must be CPU tensors.
         self.load_state_dict(safe_torch_load(path, map_location="cpu"))
-        if self.epoch > self.s.epochs or (self.epoch == self.s.epochs and self.step):
+        if self.epoch > self.total_epochs or (self.epoch == self.total_epochs and self.step):
+            asked = (f"{self.s.epochs} epochs" if not self.init_epochs else
+                     f"{self.init_epochs} preliminary + {self.s.epochs} epochs")
             raise CheckpointError(f"the checkpoint is at epoch {self.epoch}, beyond the "
-                                  f"{self.s.epochs} epochs asked for")
+                                  f"{asked} asked for")
 
     def save_weights(self, path: str | Path) -> None:
         if self.is_main:
