@@ -114,3 +114,15 @@ def test_bad_arguments():
         ConsistencyRegularizer(2, 2, schedule="exp")
     with pytest.raises(ValueError, match="ema_decay"):
         ConsistencyBank(2, 2, update="ema", ema_decay=1.0)
+
+
+def test_step_schedule_default_start_and_switch_on():
+    reg = ConsistencyRegularizer(N, C, weight=2.0, num_epochs=60, schedule="step")
+    assert reg.start_epoch == 50
+    assert [reg.weight_at(k) for k in (2, 50, 51, 60)] == [0.0, 0.0, 2.0, 2.0]
+    reg = ConsistencyRegularizer(N, C, weight=1.0, num_epochs=4, schedule="step", start_epoch=2)
+    losses, _ = run_epochs(reg, 4)
+    # weight 0 for epochs <= start_epoch, then the full weight; the bank fills all along
+    assert all(float(l) == 0.0 for ep in losses[:2] for l in ep)
+    assert all(float(l) > 0.0 for ep in losses[2:] for l in ep)
+    assert reg.bank.count.tolist() == [4] * N

@@ -94,8 +94,12 @@ def test_crl_loss_by_hand():
     c = torch.tensor([1.0, 0.5, 0.5])
     # pairs (0,1): relu(0.5 - 0.2) = 0.3; (1,2): equal counts -> 0; (2,0): relu(0.5 + 0.2) = 0.7
     assert float(crl_loss(p.log(), c)) == pytest.approx((0.3 + 0.0 + 0.7) / 3, abs=1e-6)
+    # epoch 3: M = 2 (epochs completed), m = 0
     assert normalised_counts(torch.tensor([2.0, 1, 0, 1]), 3).tolist() == pytest.approx(
-        [2 / 3, 1 / 3, 0, 1 / 3])
+        [1, 1 / 2, 0, 1 / 2])
+    # epoch 5: M = 4, m = 1
+    assert normalised_counts(torch.tensor([4.0, 1, 2]), 5).tolist() == pytest.approx(
+        [1, 0, 1 / 3])
     assert normalised_counts(torch.tensor([1.0, 1.0]), 1).tolist() == [0.0, 0.0]
 
 
@@ -111,6 +115,38 @@ def test_crl_counts_correct_predictions_and_combines_with_soteacher():
     out = obj(model, torch.randn(8, 5), torch.randint(0, 3, (8,)), torch.arange(8))
     assert {"ce", "lipschitz", "consistency", "crl"} <= set(out.losses)
     assert "crl.counts" in obj.state_dict()          # checkpointed with the objective
+
+
+def test_crl_weight_schedule_and_its_options():
+    obj = build_teacher_objective("crl", {"crl_weight": 2.0}, num_samples=4, num_classes=2,
+                                  num_epochs=60)
+    assert obj.crl.schedule == "constant" and obj.crl.start_epoch == 50
+    assert [obj.crl.weight_at(k) for k in (1, 50, 51)] == [2.0, 2.0, 2.0]
+    obj = build_teacher_objective("crl", {"crl_weight": 2.0, "crl_schedule": "step"},
+                                  num_samples=4, num_classes=2, num_epochs=60)
+    assert [obj.crl.weight_at(k) for k in (1, 50, 51, 60)] == [0.0, 0.0, 2.0, 2.0]
+    obj = build_teacher_objective("crl", {"crl_schedule": "linear"}, num_samples=4,
+                                  num_classes=2, num_epochs=4)
+    obj.set_epoch(2, 8)                           # the trainer's epoch count reaches the term
+    assert obj.crl.weight_at(2) == pytest.approx(0.25)
+    # the loss carries the scheduled weight: 0 until the step schedule switches on
+    crl = ConfidenceRanking(3, weight=2.0, num_epochs=4, schedule="step", start_epoch=2)
+    crl.counts.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    logits = torch.tensor([[3.0, 0.0], [0.0, 0.5], [1.0, 0.0]])
+    crl.eval()
+    assert float(crl(logits, torch.zeros(3, dtype=torch.long), torch.arange(3), 2)) == 0.0
+    on = crl(logits, torch.zeros(3, dtype=torch.long), torch.arange(3), 3)
+    assert float(on) == pytest.approx(2.0 * float(crl_loss(logits, normalised_counts(
+        crl.counts, 3))), rel=1e-6) and float(on) > 0
+    with pytest.warns(UserWarning, match="crl_start_epoch below 10"):
+        build_teacher_objective("crl", {"crl_schedule": "step"}, num_samples=4, num_classes=2,
+                                num_epochs=10)
+    with pytest.raises(ValueError, match="unknown CRL schedule 'stp'; available"):
+        build_teacher_objective("crl", {"crl_schedule": "stp"}, num_samples=4, num_classes=2,
+                                num_epochs=10)
+    with pytest.raises(ValueError, match="start_epoch is the number of epochs at weight 0"):
+        build_teacher_objective("crl", {"crl_schedule": "step", "crl_start_epoch": -1},
+                                num_samples=4, num_classes=2, num_epochs=10)
 
 
 # ---- trainer-level helpers ---------------------------------------------------------------------

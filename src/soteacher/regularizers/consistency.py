@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.distributed import all_gather_rows
-from .schedules import SCHEDULES, schedule_weight
+from .schedules import SCHEDULES, STEP_START, schedule_weight
 
 __all__ = ["BANK_UPDATES", "BANK_DTYPES", "BANK_DEVICES", "consistency_loss", "ConsistencyBank",
            "ConsistencyRegularizer", "bank_dtype"]
@@ -165,13 +165,15 @@ class ConsistencyRegularizer(nn.Module):
         reg = ConsistencyRegularizer(len(train_set), num_classes, weight=1.0, num_epochs=E)
         loss = F.cross_entropy(logits, y) + reg(logits, index, epoch)
 
-    ``epoch`` is 1-based; the weight follows ``schedule`` (see ``schedules.py``). ``bank_dtype``
+    ``epoch`` is 1-based; the weight follows ``schedule`` (see ``schedules.py``; ``start_epoch``,
+    used by ``step`` only, is the number of epochs at weight 0, default 50 as in the reference
+    code, so the term switches on in epoch ``start_epoch + 1``). ``bank_dtype``
     and ``bank_device`` choose the bank's storage (see ``ConsistencyBank``). Under DDP the
     batch's ``(index, probs)`` are all-gathered from every process before the bank update.
     """
 
     def __init__(self, num_samples: int, num_classes: int, weight: float = 1.0,
-                 num_epochs: int = 1, schedule: str = "linear", start_epoch: int = 1,
+                 num_epochs: int = 1, schedule: str = "linear", start_epoch: int = STEP_START,
                  update: str = "reference", ema_decay: float = 0.9,
                  bank_dtype: str | torch.dtype = torch.float32,
                  bank_device: str = "auto") -> None:

@@ -4,8 +4,10 @@ Registered here (``soteacher list teachers``):
 
 * ``lipschitz`` / ``consistency``: one SoTeacher regulariser alone;
 * ``label_smoothing``: cross-entropy with smoothed labels (0.1 by default);
-* ``crl``: confidence-aware ranking (see :mod:`.crl`); also an option ``crl_weight`` of
-  ``soteacher`` and of the methods below, so it combines with the SoTeacher terms;
+* ``crl``: confidence-aware ranking (see :mod:`.crl`), with ``crl_schedule`` and
+  ``crl_start_epoch`` (the step schedule's epochs at weight 0, default 50); also an option
+  ``crl_weight`` of ``soteacher`` and of the methods below, so it combines with the SoTeacher
+  terms;
 * ``swa``: stochastic weight averaging from epoch ``swa_start`` (default: the reference's 150
   of 240 epochs, scaled to the run's length), then a batch-norm refresh;
 * ``early_stop``: the epoch with the best accuracy on the validation split (with ``patience``,
@@ -26,6 +28,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
+from ..regularizers.schedules import STEP_START
 from . import TEACHERS
 from .callbacks import BestOnValidation, TemperatureFit, WeightAveraging
 from .objective import TeacherObjective
@@ -59,7 +62,7 @@ def lipschitz(lipschitz_weight: float = 1e-5, label_smoothing: float = 0.0) -> T
 @TEACHERS.register("consistency")
 def consistency(num_samples: int, num_classes: int, num_epochs: int,
                 consistency_weight: float = 1.0, consistency_schedule: str = "linear",
-                consistency_start_epoch: int = 1, consistency_update: str = "reference",
+                consistency_start_epoch: int = STEP_START, consistency_update: str = "reference",
                 ema_decay: float = 0.9, label_smoothing: float = 0.0) -> TeacherObjective:
     """Cross-entropy + SoTeacher's consistency regularisation only (no Lipschitz term)."""
     return TeacherObjective(
@@ -77,11 +80,15 @@ def label_smoothing_method(label_smoothing: float = 0.1) -> TeacherObjective:
 
 
 @TEACHERS.register("crl")
-def crl(num_samples: int, crl_weight: float = 1.0,
+def crl(num_samples: int, num_epochs: int, crl_weight: float = 1.0,
+        crl_schedule: str = "constant", crl_start_epoch: int = STEP_START,
         label_smoothing: float = 0.0) -> TeacherObjective:
-    """Cross-entropy + confidence-aware ranking (Moon et al., 2020), weight ``crl_weight``."""
+    """Cross-entropy + confidence-aware ranking (Moon et al., 2020), weight ``crl_weight``
+    following ``crl_schedule`` (``constant`` by default, as the reference's default; a ``step``
+    schedule keeps it at 0 for ``crl_start_epoch`` epochs, 50 by default)."""
     return TeacherObjective(label_smoothing=label_smoothing, crl_weight=crl_weight,
-                            num_samples=num_samples)
+                            num_samples=num_samples, num_epochs=num_epochs,
+                            crl_schedule=crl_schedule, crl_start_epoch=crl_start_epoch)
 
 
 @TEACHERS.register("swa")
