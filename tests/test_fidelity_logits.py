@@ -253,9 +253,19 @@ def test_dist_distiller_effective_weights_of_the_reference_configs():
 
 
 def test_dkd_defaults_are_mdistillers():
-    # mdistiller/engine/cfg.py: DKD.CE_WEIGHT 1, ALPHA 1, BETA 8, T 4, WARMUP 20 (our default
-    # warm-up scales 20 of 240 epochs to the run: 20 in a 240-epoch run)
+    # mdistiller/engine/cfg.py: DKD.CE_WEIGHT 1, ALPHA 1, BETA 8, T 4, WARMUP 20 (fixed, whatever
+    # the run's length)
     dkd = build_distiller("dkd", nn.Linear(2, 2))
     assert (dkd.ce_weight, dkd.alpha, dkd.beta, dkd.temperature) == (1.0, 1.0, 8.0, 4.0)
     dkd.set_epoch(10, 240)
     assert dkd.warmup_factor() == 10 / 20
+    dkd.set_epoch(10, 30)
+    assert dkd.warmup_factor() == 10 / 20
+    # the named variant scales 20 of 240 epochs to the run: 2 epochs of 30
+    scaled = build_distiller("dkd", nn.Linear(2, 2), {"warmup_epochs": "scaled"})
+    scaled.set_epoch(1, 30)
+    assert scaled.warmup_factor() == 1 / 2
+    scaled.set_epoch(3, 30)
+    assert scaled.warmup_factor() == 1.0
+    with pytest.raises(ValueError, match="'scaled'"):
+        build_distiller("dkd", nn.Linear(2, 2), {"warmup_epochs": "linear"})

@@ -65,11 +65,10 @@ class DKD(Distiller):
     ``w = min(epoch / 20, 1)`` over 1-based epochs included (``tests/test_fidelity_logits.py``).
 
     Defaults are mdistiller's CIFAR-100 ones (``mdistiller/engine/cfg.py``): ``ce_weight`` 1,
-    ``alpha`` 1, ``beta`` 8, ``temperature`` 4. One deviation: the default
-    ``warmup_epochs=None`` scales mdistiller's 20 warm-up epochs of 240 to the run
-    (``num_epochs // 12``), which is 20 in a 240-epoch run but keeps short runs from spending
-    most of their epochs in the warm-up; ``warmup_epochs=20`` is the reference's fixed length
-    (the CIFAR configs set it), 0 switches the warm-up off.
+    ``alpha`` 1, ``beta`` 8, ``temperature`` 4, ``warmup_epochs`` 20 (a fixed length, whatever
+    the run's). ``warmup_epochs="scaled"`` is a named variant that scales those 20 epochs of 240
+    to the run (``num_epochs // 12``), so that a short run does not spend most of its epochs in
+    the warm-up; 0 switches the warm-up off.
 
     ``beta`` depends on the pair in mdistiller's CIFAR-100 configs
     (``configs/cifar100/dkd/*.yaml``): 2 for resnet56 -> resnet20 and resnet110 -> resnet32; 6
@@ -87,21 +86,23 @@ class DKD(Distiller):
 
     def __init__(self, teacher: nn.Module, alpha: float = 1.0, beta: float = 8.0,
                  temperature: float = 4.0, ce_weight: float = 1.0,
-                 warmup_epochs: int | None = None, logit_standardize: bool = False) -> None:
+                 warmup_epochs: int | str = 20, logit_standardize: bool = False) -> None:
         super().__init__(teacher)
         self.alpha = check_weight("alpha", alpha)
         self.beta = check_weight("beta", beta)
         self.temperature = check_positive("temperature", temperature)
         self.ce_weight = check_weight("ce_weight", ce_weight)
-        if warmup_epochs is not None and (isinstance(warmup_epochs, bool)
+        if warmup_epochs != "scaled" and (isinstance(warmup_epochs, (bool, str))
+                                          or not isinstance(warmup_epochs, (int, float))
                                           or int(warmup_epochs) != warmup_epochs
                                           or warmup_epochs < 0):
-            raise ValueError(f"warmup_epochs must be an int >= 0 or None, got {warmup_epochs!r}")
-        self.warmup_epochs = None if warmup_epochs is None else int(warmup_epochs)
+            raise ValueError(f"warmup_epochs must be an int >= 0 or 'scaled', got "
+                             f"{warmup_epochs!r}")
+        self.warmup_epochs = "scaled" if warmup_epochs == "scaled" else int(warmup_epochs)
         self.logit_standardize = bool(logit_standardize)
 
     def warmup_factor(self) -> float:
-        w = self.warmup_epochs if self.warmup_epochs is not None else self.num_epochs // 12
+        w = self.num_epochs // 12 if self.warmup_epochs == "scaled" else self.warmup_epochs
         return 1.0 if w <= 0 else min(self.epoch / w, 1.0)
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor) -> StepOutput:
