@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ..objective import Objective, call_builder
 from ..registry import Registry
+from ..regularizers.schedules import STEP_START
 from .objective import TeacherObjective
 
 TEACHERS = Registry("teacher method")
@@ -35,15 +36,18 @@ def standard(label_smoothing: float = 0.0) -> TeacherObjective:
 @TEACHERS.register("soteacher")
 def soteacher(num_samples: int, num_classes: int, num_epochs: int,
               lipschitz_weight: float = 1e-5, consistency_weight: float = 1.0,
-              consistency_schedule: str = "linear", consistency_start_epoch: int = 1,
+              consistency_schedule: str = "linear", consistency_start_epoch: int = STEP_START,
               consistency_update: str = "reference", ema_decay: float = 0.9,
               label_smoothing: float = 0.0, crl_weight: float = 0.0,
+              crl_schedule: str = "constant", crl_start_epoch: int = STEP_START,
               bank_dtype: str = "float32", bank_device: str = "auto") -> TeacherObjective:
     """SoTeacher (Dong, Liu & Shang, ICLR 2024): ERM + Lipschitz + consistency regularisation.
 
     Defaults follow the paper's main setting: ``lambda_LR = 1e-5`` and a consistency weight
     rising linearly to ``lambda_CR = 1`` over training. ``crl_weight > 0`` adds confidence-aware
-    ranking (the combination the reference code meant but silently dropped). ``bank_dtype``
+    ranking (the combination the reference code meant but silently dropped), weighted by
+    ``crl_schedule``. The ``step`` schedules keep their term at 0 for ``*_start_epoch`` epochs
+    (50, the official code's default). ``bank_dtype``
     (float32 | float16 | bfloat16) and ``bank_device`` (auto: the training device | cpu, pinned
     on CUDA machines) set where the consistency bank is kept, for ImageNet-sized banks.
     """
@@ -55,6 +59,7 @@ def soteacher(num_samples: int, num_classes: int, num_epochs: int,
         consistency_schedule=consistency_schedule,
         consistency_start_epoch=consistency_start_epoch,
         consistency_update=consistency_update, ema_decay=ema_decay, crl_weight=crl_weight,
+        crl_schedule=crl_schedule, crl_start_epoch=crl_start_epoch,
         bank_dtype=bank_dtype, bank_device=bank_device,
     )
 
