@@ -285,6 +285,42 @@ def test_trainer_equals_the_reference_procedure_written_out(method):
         assert torch.equal(v, t.objective.state_dict()[k]), k
 
 
+def totals(module):
+    """(sum, sum of absolute values) of a module's floating-point state, in float64."""
+    vals = [v.double() for v in module.state_dict().values() if v.is_floating_point()]
+    return sum(float(v.sum()) for v in vals), sum(float(v.abs().sum()) for v in vals)
+
+
+def test_stage_equals_repdistillers_init_on_the_same_models():
+    """Constants from running RepDistiller's helper/pretrain.py ``init`` itself (exported to a
+    scratch folder, not part of the project) on these very models, data and batch order: small
+    adapters gave our models its ``model(x, is_feat=True, preact=...)`` feature list, its
+    ``ABLoss`` (AB) or ``nn.MSELoss`` (FT) was the criterion, ``opt`` had learning_rate 0.05,
+    momentum 0.9, weight_decay 5e-4, init_epochs 2 and model_s "cnn1d_small" (AB: lr 0.05) or
+    "resnet8" (FT: its rule gives lr 0.01). Our trainer's two preliminary epochs reproduced its
+    weights bit for bit; the sums below are (sum, sum |.|) of the student's state and of the
+    connectors / paraphraser after them, and its logged epoch losses (init_train_loss)."""
+    t = make_trainer("ab")
+    losses = [t.run_epoch(e)["loss"] for e in (1, 2)]
+    assert losses == pytest.approx([1.5748233795166016, 1.456066370010376], rel=1e-6)
+    assert totals(t.model) == pytest.approx((39.97754201076678, 119.0969721552127), rel=1e-6)
+    assert totals(t.objective.connectors) == pytest.approx((61.964565749745816, 130.4845703264),
+                                                           rel=1e-6)
+    torch.manual_seed(0)
+    teacher, student = create_model("resnet8", 4), create_model("resnet8", 4)
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randn(16, 3, 32, 32, generator=g),
+                        torch.randint(0, 4, (16,), generator=g))
+    d = build_distiller("ft", teacher, {"init_epochs": 2}, student=student, num_classes=4)
+    t = Trainer(student, d, data, TrainSettings(epochs=1, batch_size=8, lr=0.05), progress=False)
+    assert t.plan.lr == 0.01
+    losses = [t.run_epoch(e)["loss"] for e in (1, 2)]
+    assert losses == pytest.approx([0.15953686088323593, 0.15943647921085358], rel=1e-6)
+    assert totals(student) == pytest.approx((712.6932721563162, 5053.653326908665), rel=1e-6)
+    assert totals(d.paraphraser) == pytest.approx((15.608016267354088, 2850.6823823528607),
+                                                  rel=1e-6)
+
+
 # ==== checkpoints and resume ======================================================================
 def test_checkpoint_holds_the_stage_and_both_optimisers(tmp_path):
     t = make_trainer("ab", run_dir=tmp_path)
