@@ -7,8 +7,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .common import (FeatureDistiller, batch_norm, check_positive, check_reduction, check_weight,
-                     conv, match_spatial)
+from .common import (FeatureDistiller, check_positive, check_reduction, check_weight,
+                     conv_regressor, match_spatial)
 
 #: RepDistiller divides each AB term by the batch size and then by 1000 / 3.
 REFERENCE_SCALE = 3.0 / 1000.0
@@ -32,15 +32,25 @@ def ab_loss(student_preact: Tensor, teacher_preact: Tensor, margin: float = 1.0,
     return check_reduction((off_violation + on_violation).flatten(1).sum(dim=1), reduction)
 
 
+def ab_connector(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> nn.Module:
+    """RepDistiller's AB ``Connector`` for one pair: the identity where the student feature has
+    the teacher's channels and size, else :func:`~.common.conv_regressor` without ReLU
+    (one convolution chosen by the sizes, then batch norm)."""
+    if s_shape[0] == t_shape[0] and s_shape[1:2] == t_shape[1:2]:
+        return nn.Identity()
+    return conv_regressor(s_shape, t_shape, relu=False)
+
+
 class AB(FeatureDistiller):
     """Activation-boundary transfer on pre-activation features.
 
-    For every stage pair (aligned from the deepest) a learnable connector (1-wide convolution +
-    batch norm, a linear layer for vectors, as RepDistiller's ``Connector``) maps the student's
-    pre-activation to the teacher's channels; pair ``i`` of ``n`` is weighted ``2^(i - n + 1)``
-    (the deepest 1) and every term is scaled by RepDistiller's 3/1000. Different spatial sizes
-    are matched by average pooling the larger map; AB compares neurons one by one, so it needs
-    the same kind of feature on both sides (a CNN/MLP pair raises a ``ValueError``).
+    For every stage pair (``feat[1:-1]`` of each network, paired from the shallowest) a
+    connector (:func:`ab_connector`: the identity where channels and size agree, else a
+    convolution chosen by the sizes plus batch norm, RepDistiller's ``Connector``) maps the
+    student's pre-activation to the teacher's; pair ``i`` of ``n`` is weighted ``2^(i - n + 1)``
+    (the deepest 1) and every term is scaled by RepDistiller's 3/1000. Sizes the connector cannot
+    bridge are matched by average pooling the larger map; AB compares neurons one by one, so it
+    needs the same kind of feature on both sides (a CNN/MLP pair raises a ``ValueError``).
 
     Preliminary stage: in the paper and in RepDistiller the AB loss *initialises* the student:
     the step returns only ``{"ab_init": init_weight * AB}``, which trains the student's feature
@@ -85,9 +95,8 @@ class AB(FeatureDistiller):
         self.connectors = nn.ModuleList()
         for ti, si in self.pairs:
             t_shape, s_shape = self.t_shapes.stages[ti], self.s_shapes.stages[si]
-            rank, _ = self.pair_layout(t_shape, s_shape)
-            self.connectors.append(nn.Sequential(conv(rank, s_shape[0], t_shape[0]),
-                                                 batch_norm(rank, t_shape[0])))
+            self.pair_layout(t_shape, s_shape)
+            self.connectors.append(ab_connector(s_shape, t_shape))
         n = len(self.pairs)
         self.pair_weights = [2.0 ** (i - n + 1) for i in range(n)]
 

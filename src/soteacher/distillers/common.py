@@ -23,9 +23,18 @@
   ``num_epochs // 8``, RepDistiller's 30 of 240, at least 1 in runs of two epochs or more);
   ``init_epochs=0`` skips the stage in both.
 
-Stage pairing. When teacher and student report different numbers of stages, they are aligned
-from the deepest: the last ``k = min(n_teacher, n_student)`` stages of each are paired in order.
-Pick other stages with ``teacher_layers`` / ``student_layers`` (for registered models too, e.g.
+Feature positions. A registered model reports ``stem``, ``stages`` and ``pooled``; for the CIFAR
+image models ``[stem, *stages, pooled]`` is, position by position, RepDistiller's feature list
+``feat``, and each method reads the positions the reference reads: ``stages`` is ``feat[1:-1]``
+(AT, NST, VID, AB), ``stages[-1]`` is ``feat[-2]`` (SP, FT), ``[stem, *stages]`` is ``feat[:-1]``
+(FSP) and is what FitNet's ``hint_layer`` indexes (``feat[hint_layer]``), ``pooled`` is
+``feat[-1]`` (CC, RKD, PKT, CRD). Models whose stem only reshapes the input (MLP, the plain CNNs)
+and hooked user modules have no ``stem`` feature.
+
+Stage pairing. When teacher and student report different numbers of stages, they are paired
+from the shallowest, as the reference pairs its lists (``zip``): the first
+``k = min(n_teacher, n_student)`` stages of each, in order. Pick other stages with
+``teacher_layers`` / ``student_layers`` (for registered models too, e.g.
 ``["stages.0", "stages.2"]``).
 
 Spatial sizes. Features are ``(B, C, *spatial)``: ``(B, C)`` for an MLP, ``(B, C, L)`` for a 1-D
@@ -116,11 +125,18 @@ def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class FeatureShapes:
-    """Per-sample shapes of one model's features: each stage ``(C, *spatial)``, pooled ``F``."""
+    """Per-sample shapes of one model's features: each stage ``(C, *spatial)``, pooled ``F``,
+    and the stem's output (None for models without a stem feature)."""
 
     stages: list[tuple[int, ...]]
     pooled: int | None
     num_classes: int
+    stem: tuple[int, ...] | None = None
+
+    @property
+    def hint_list(self) -> list[tuple[int, ...]]:
+        """``[stem, *stages]`` (RepDistiller's ``feat[:-1]``), or the stages without a stem."""
+        return ([self.stem] if self.stem is not None else []) + list(self.stages)
 
 
 def resolve_input_shape(input_shape: Sequence[int] | None, *models: nn.Module | None,
@@ -159,16 +175,24 @@ def probe_shapes(extractor: FeatureExtractor, input_shape: tuple[int, ...],
         logits, feats = extractor(x, preact=preact)
     finally:
         model.train(was_training)
-    pooled = feats.get("pooled")
+    pooled, stem = feats.get("pooled"), feats.get("stem")
     return FeatureShapes([tuple(f.shape[1:]) for f in feats["stages"]],
                          None if pooled is None else int(pooled.shape[1]),
-                         int(logits.shape[-1]))
+                         int(logits.shape[-1]),
+                         None if stem is None else tuple(stem.shape[1:]))
+
+
+def hint_list(feats: Mapping[str, Any]) -> list[Tensor]:
+    """``[stem, *stages]`` of a feature dict (RepDistiller's ``feat[:-1]``); the stages alone
+    when the model reports no stem."""
+    stem = feats.get("stem")
+    return ([stem] if stem is not None else []) + list(feats["stages"])
 
 
 def aligned_pairs(n_teacher: int, n_student: int) -> list[tuple[int, int]]:
-    """Stage index pairs ``(teacher, student)``: the last ``min(n_t, n_s)`` of each, in order."""
-    k = min(n_teacher, n_student)
-    return [(n_teacher - k + j, n_student - k + j) for j in range(k)]
+    """Stage index pairs ``(teacher, student)``: the first ``min(n_t, n_s)`` of each, in order
+    (the reference's ``zip`` of its two feature lists)."""
+    return [(j, j) for j in range(min(n_teacher, n_student))]
 
 
 # ---- connectors --------------------------------------------------------------------------------
@@ -180,6 +204,59 @@ def conv(rank: int, c_in: int, c_out: int, kernel_size: int = 1) -> nn.Module:
     if cls is None:
         raise ValueError(f"features with {rank} spatial axes are not supported")
     return cls(c_in, c_out, kernel_size, padding=kernel_size // 2)
+
+
+def conv_regressor(s_shape: tuple[int, ...], t_shape: tuple[int, ...],
+                   relu: bool = True) -> nn.Module:
+    """The learnable map from a student feature ``(C_s, *spatial)`` to a teacher feature's
+    ``(C_t, *spatial)``: one convolution chosen by the spatial sizes, then batch norm (and ReLU
+    when ``relu``), RepDistiller's ``ConvReg`` (FitNet; AB's connectors without the ReLU):
+
+    * student map twice the teacher's size: 3x3 convolution with stride 2, padding 1;
+    * student map half the teacher's size: 4x4 transposed convolution with stride 2, padding 1;
+    * otherwise (student at least the teacher's size): a ``(1 + H_s - H_t) x (1 + W_s - W_t)``
+      convolution without padding, so ``1x1`` when the sizes agree.
+
+    All convolutions have a bias. Cases the reference cannot build get a named fallback: vectors
+    (rank 0) a linear layer; a student map smaller than the teacher's (but not half of it) a
+    1-wide convolution after the *teacher* map is pooled to the student's size by
+    :meth:`FeatureDistiller.align`. The size rule is taken on the first spatial axis (the
+    reference's ``H``); 1-D maps use 1-D convolutions.
+    """
+    rank = spatial_rank(s_shape)
+    c_s, c_t = s_shape[0], t_shape[0]
+    layers: list[nn.Module]
+    if rank == 0 or spatial_rank(t_shape) != rank:
+        layers = [nn.Linear(c_s, c_t)]
+        rank = 0
+    else:
+        cls = {1: nn.Conv1d, 2: nn.Conv2d}.get(rank)
+        tcls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}.get(rank)
+        if cls is None or tcls is None:
+            raise ValueError(f"features with {rank} spatial axes are not supported")
+        hs, ht = s_shape[1], t_shape[1]
+        if hs == 2 * ht:
+            layers = [cls(c_s, c_t, 3, stride=2, padding=1)]
+        elif 2 * hs == ht:
+            layers = [tcls(c_s, c_t, 4, stride=2, padding=1)]
+        elif hs >= ht:
+            kernel = tuple(1 + a - b for a, b in zip(s_shape[1:], t_shape[1:]))
+            layers = [cls(c_s, c_t, kernel if all(k > 0 for k in kernel) else 1)]
+        else:
+            layers = [cls(c_s, c_t, 1)]
+    layers.append(batch_norm(rank, c_t))
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def regressed_size(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> bool:
+    """Whether :func:`conv_regressor` brings the student map to the teacher map's spatial size
+    (else the teacher map is pooled to the student's size before comparing)."""
+    if spatial_rank(s_shape) != spatial_rank(t_shape) or spatial_rank(s_shape) == 0:
+        return False
+    hs, ht = s_shape[1], t_shape[1]
+    return hs == 2 * ht or 2 * hs == ht or all(a >= b for a, b in zip(s_shape[1:], t_shape[1:]))
 
 
 def batch_norm(rank: int, channels: int) -> nn.Module:

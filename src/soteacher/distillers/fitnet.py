@@ -7,7 +7,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .common import FeatureDistiller, batch_norm, check_reduction, check_weight, conv
+from .common import (FeatureDistiller, check_reduction, check_weight, conv_regressor, hint_list,
+                     regressed_size, spatial_rank)
 
 
 def fitnet_loss(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Tensor:
@@ -25,18 +26,21 @@ def fitnet_loss(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Te
 class FitNet(FeatureDistiller):
     """FitNet hint learning: ``ce + fitnet_weight * MSE(regressor(student hint), teacher hint)``.
 
-    The hint is one stage pair: ``hint_layer`` indexes the list of stage pairs (aligned from the
-    deepest, see :mod:`.common`); by default the middle pair (``len(pairs) // 2``), like
-    RepDistiller's ``hint_layer=2`` on three-stage ResNets. The learnable regressor (a 'same'
-    3-wide convolution, batch norm and ReLU, as RepDistiller's ``ConvReg``; a linear layer for
-    vector features) maps the student feature to the teacher's channels; it is trained with the
-    student. Different spatial sizes are matched by average pooling the larger map; a map paired
-    with a vector (CNN teacher, MLP student) is globally average pooled first.
+    The hint is the feature at position ``hint_layer`` of each network's ``[stem, *stages]`` list,
+    RepDistiller's ``feat[hint_layer]`` (default 2: the second stage's output, e.g. 32x16x16 on
+    ``resnet20``, 256x8x8 on ``vgg13``, 16x8x8 on ``mobilenetv2``); for models without a stem
+    feature (MLP, plain CNNs, hooked modules) the index runs over the stages and defaults to the
+    middle one. The learnable regressor is :func:`~.common.conv_regressor` with ReLU (one
+    convolution chosen by the spatial sizes, batch norm, ReLU: RepDistiller's ``ConvReg``); it is
+    trained with the student. A map paired with a vector (CNN teacher, MLP student) is globally
+    average pooled first and regressed by a linear layer.
 
-    Deviation: the paper trains the hint in a separate first stage and then runs KD; like
-    RepDistiller, the hint term is simply added to the classification loss for the whole run.
+    Deviation from the paper, shared with RepDistiller: the paper trains the hint in a separate
+    first stage and then runs KD; here, as in RepDistiller, the hint term is added to the
+    classification loss for the whole run.
 
-    Defaults (RepDistiller): ``fitnet_weight`` 100, ``ce_weight`` 1, ``kd_weight`` 0 (T = 4).
+    Defaults (RepDistiller): ``fitnet_weight`` 100, ``hint_layer`` 2, ``ce_weight`` 1,
+    ``kd_weight`` 0 (T = 4).
     """
 
     name = "fitnet"
@@ -52,19 +56,29 @@ class FitNet(FeatureDistiller):
                          student_layers=student_layers, input_shape=input_shape)
         self.fitnet_weight = check_weight("fitnet_weight", fitnet_weight)
         self.need_stages()
-        n = len(self.pairs)
+        t_list, s_list = self.t_shapes.hint_list, self.s_shapes.hint_list
+        n = min(len(t_list), len(s_list))
         if hint_layer is None:
-            hint_layer = n // 2
-        if not -n <= int(hint_layer) < n:
-            raise ValueError(f"hint_layer must index one of the {n} stage pair(s), got {hint_layer}")
+            with_stem = self.t_shapes.stem is not None and self.s_shapes.stem is not None
+            hint_layer = min(2, n - 1) if with_stem else len(self.pairs) // 2
+        if isinstance(hint_layer, bool) or int(hint_layer) != hint_layer or not 0 <= hint_layer < n:
+            raise ValueError(f"hint_layer must index one of the {n} features [stem, *stages] "
+                             f"both networks report (0..{n - 1}), got {hint_layer!r}")
         self.hint_layer = int(hint_layer)
-        self.t_index, self.s_index = self.pairs[self.hint_layer]
-        t_shape = self.t_shapes.stages[self.t_index]
-        s_shape = self.s_shapes.stages[self.s_index]
-        rank, _ = self.pair_layout(t_shape, s_shape, allow_global_pool=True)
-        self.regressor = nn.Sequential(conv(rank, s_shape[0], t_shape[0], 3 if rank else 1),
-                                       batch_norm(rank, t_shape[0]), nn.ReLU())
+        t_shape, s_shape = t_list[self.hint_layer], s_list[self.hint_layer]
+        self.pair_layout(t_shape, s_shape, allow_global_pool=True)
+        self.regressed = regressed_size(s_shape, t_shape)
+        if self.regressed or spatial_rank(s_shape) != spatial_rank(t_shape):
+            self.regressor = conv_regressor(s_shape, t_shape, relu=True)
+        else:   # student map smaller than the teacher's: pool the teacher to the student's size
+            self.regressor = conv_regressor(s_shape, (t_shape[0], *s_shape[1:]), relu=True)
 
     def distill_terms(self, s_feats, t_feats, y, index) -> dict[str, Tensor]:
-        t, s = self.align(t_feats["stages"][self.t_index], s_feats["stages"][self.s_index])
-        return {"fitnet": self.fitnet_weight * fitnet_loss(self.regressor(s), t)}
+        t = hint_list(t_feats)[self.hint_layer]
+        s = hint_list(s_feats)[self.hint_layer]
+        if self.regressed:
+            s = self.regressor(s)
+        else:
+            t, s = self.align(t, s)
+            s = self.regressor(s)
+        return {"fitnet": self.fitnet_weight * fitnet_loss(s, t)}

@@ -7,7 +7,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .common import FeatureDistiller, check_reduction, check_weight, match_spatial, spatial_rank
+from .common import (FeatureDistiller, check_reduction, check_weight, hint_list, match_spatial,
+                     spatial_rank)
 
 
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
@@ -37,10 +38,12 @@ def fsp_loss(student_fsp: Tensor, teacher_fsp: Tensor, reduction: str = "mean") 
 class FSP(FeatureDistiller):
     """FSP: match the Gram matrices between consecutive stages of teacher and student.
 
-    The stage pairs are aligned from the deepest; for every consecutive two of them
-    ``fsp_loss(G(s_j, s_{j+1}), G(t_j, t_{j+1}))`` is summed. This needs at least two stages on
-    each side and *the same channel numbers* at each paired stage (as the reference, which raises
-    for unequal channels): e.g. a ``cnn1d`` teacher with ``widths=(8, 16)`` for a
+    The features are ``[stem, *stages]`` of each network (RepDistiller's ``feat[:-1]``, so the
+    first matrix pairs the stem with the first stage), paired position by position from the
+    shallowest; for every two consecutive positions ``fsp_loss(G(s_j, s_{j+1}), G(t_j, t_{j+1}))``
+    is summed. This needs at least two features on each side and *the same channel numbers* at
+    each paired position (as the reference, which raises for unequal channels): e.g. resnet110
+    -> resnet20 or, without stems, a ``cnn1d`` teacher with ``widths=(8, 16)`` for a
     ``cnn1d_small`` student. Spatial sizes are free (G has none). A ``ValueError`` names the
     mismatch at construction. No learnable parts.
 
@@ -80,14 +83,21 @@ class FSP(FeatureDistiller):
                          init_epochs=init_epochs, init_stage=init_stage, init_lr=init_lr)
         self.fsp_weight = check_weight("fsp_weight", fsp_weight)
         self.init_weight = check_weight("init_weight", init_weight)
-        self.need_stages(2)
-        for who, shapes in (("teacher", self.t_shapes), ("student", self.s_shapes)):
-            ranks = {spatial_rank(s) for s in shapes.stages}
+        self.need_stages(1)
+        t_list, s_list = self.t_shapes.hint_list, self.s_shapes.hint_list
+        for who, shapes in (("teacher", t_list), ("student", s_list)):
+            if len(shapes) < 2:
+                raise ValueError(f"fsp needs at least two features of the {who} ([stem, *stages]), "
+                                 f"got {len(shapes)}; name more layers with "
+                                 f"{who}_layers")
+            ranks = {spatial_rank(s) for s in shapes}
             if len(ranks) > 1:
                 raise ValueError(f"fsp needs {who} features with one number of spatial axes, "
-                                 f"got {shapes.stages}")
-        t_ch = [self.t_shapes.stages[ti][0] for ti, _ in self.pairs]
-        s_ch = [self.s_shapes.stages[si][0] for _, si in self.pairs]
+                                 f"got {shapes}")
+        #: feature positions in [stem, *stages] paired between teacher and student
+        self.positions = list(range(min(len(t_list), len(s_list))))
+        t_ch = [t_list[i][0] for i in self.positions]
+        s_ch = [s_list[i][0] for i in self.positions]
         if t_ch != s_ch:
             raise ValueError(f"fsp needs the same channel numbers at the paired stages of teacher "
                              f"and student, got teacher {t_ch} and student {s_ch}; choose a "
@@ -95,11 +105,11 @@ class FSP(FeatureDistiller):
                              f"with teacher_layers / student_layers")
 
     def fsp_total(self, s_feats, t_feats) -> Tensor:
+        s_list, t_list = hint_list(s_feats), hint_list(t_feats)
         total = 0.0
-        for (ta, sa), (tb, sb) in zip(self.pairs[:-1], self.pairs[1:]):
-            g_s = fsp_matrix(s_feats["stages"][sa], s_feats["stages"][sb])
-            g_t = fsp_matrix(t_feats["stages"][ta], t_feats["stages"][tb])
-            total = total + fsp_loss(g_s, g_t)
+        for a, b in zip(self.positions[:-1], self.positions[1:]):
+            total = total + fsp_loss(fsp_matrix(s_list[a], s_list[b]),
+                                     fsp_matrix(t_list[a], t_list[b]))
         return total
 
     def init_terms(self, s_feats, t_feats) -> dict[str, Tensor]:
