@@ -19,12 +19,13 @@ def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
 
 def nst_loss(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Tensor:
     """Squared MMD with the polynomial kernel ``k(x, y) = (x . y)^2`` between the channels of
-    two maps (B, C, *spatial), each channel flattened over positions and L2-normalised:
-    ``mean k(t, t) + mean k(s, s) - 2 mean k(s, t)`` per sample. Channel numbers may differ;
-    spatial sizes must match."""
+    two maps (B, C_s, *S) and (B, C_t, *S), each channel flattened over positions and
+    L2-normalised: ``mean k(t, t) + mean k(s, s) - 2 mean k(s, t)`` per sample. Channel numbers
+    may differ; spatial sizes must match. With ``"mean"`` this is RepDistiller's
+    ``NSTLoss.nst_loss`` (its full loss; equal in ``tests/test_fidelity_relations.py``)."""
     if student.shape[2:] != teacher.shape[2:]:
         raise ValueError(f"spatial sizes differ: student {tuple(student.shape[2:])}, "
-                         f"teacher {tuple(teacher.shape[2:])}")
+                         f"teacher {tuple(teacher.shape[2:])}; pool the larger map first")
     s = F.normalize(student.flatten(2), dim=2)
     t = F.normalize(teacher.flatten(2), dim=2)
     mmd = poly_kernel_mean(t, t) + poly_kernel_mean(s, s) - 2 * poly_kernel_mean(s, t)
@@ -34,10 +35,12 @@ def nst_loss(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Tenso
 class NST(FeatureDistiller):
     """NST: ``ce + nst_weight * sum over stage pairs of nst_loss``; no learnable parts.
 
-    Every stage pair (aligned from the deepest) is used, as in RepDistiller; different spatial
-    sizes are matched by average pooling the larger map. NST compares channel activation
-    patterns over positions, so it needs spatial maps on both sides (a CNN/MLP pair, or two
-    MLPs, raise a ``ValueError``). Defaults (RepDistiller): ``nst_weight`` 50, ``ce_weight`` 1,
+    Every stage pair is used (``stages`` are RepDistiller's ``feat[1:-1]``, paired from the
+    shallowest as its ``zip``; see :mod:`.common`); different spatial sizes are matched by
+    adaptive average pooling of the larger map, as RepDistiller does for its square maps. NST
+    compares channel activation patterns over positions, so it needs spatial maps on both
+    sides (a CNN/MLP pair, or two MLPs, raise a ``ValueError``). Defaults (RepDistiller's
+    ``run_cifar_distill.sh``, ``-a 0 -b 50``): ``nst_weight`` 50, ``ce_weight`` 1,
     ``kd_weight`` 0 (T = 4).
     """
 

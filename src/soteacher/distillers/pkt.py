@@ -5,16 +5,22 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from .common import FeatureDistiller, check_reduction, check_weight
 
 
-def cosine_conditional(e: Tensor) -> Tensor:
-    """Conditional probabilities (B, B) from the cosine kernel ``(1 + cos(e_i, e_j)) / 2``,
-    each row divided by its sum."""
-    u = F.normalize(e.flatten(1), dim=1)
+def cosine_conditional(e: Tensor, eps: float = 1e-7) -> Tensor:
+    """Conditional probabilities (B, B) from the cosine kernel ``(1 + cos(e_i, e_j)) / 2`` of
+    features (B, ...), each row divided by its sum.
+
+    Rows are normalised as ``e_i / (||e_i|| + eps)`` (a NaN entry becomes 0), as the authors'
+    code does, so a row of tiny norm is shrunk rather than blown up to unit length.
+    """
+    e = e.flatten(1)
+    u = e / (e.norm(dim=1, keepdim=True) + eps)
+    u = torch.where(torch.isnan(u), torch.zeros_like(u), u)
     k = (u @ u.t() + 1.0) / 2.0
     return k / k.sum(dim=1, keepdim=True)
 
@@ -22,14 +28,17 @@ def cosine_conditional(e: Tensor) -> Tensor:
 def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7,
              reduction: str = "mean") -> Tensor:
     """``mean_ij  P_t[i,j] * log((P_t[i,j] + eps) / (P_s[i,j] + eps))`` (KL between the
-    cosine-kernel conditional distributions of the two batches).
+    cosine-kernel conditional distributions of two batches of features (B, ...)).
 
-    Per sample i: the mean over j of row i, so ``"mean"`` averages the whole (B, B) matrix, as
-    in the reference implementation. Feature sizes may differ.
+    Per sample i: the mean over j of row i, so ``"mean"`` averages the whole (B, B) matrix.
+    ``eps`` also enters the normalisation (:func:`cosine_conditional`). Feature sizes may
+    differ. With ``"mean"`` this is RepDistiller's ``PKT`` (``cosine_similarity_loss``), equal
+    in ``tests/test_fidelity_relations.py``.
     """
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError("student and teacher features have different batch sizes")
-    p_s, p_t = cosine_conditional(student), cosine_conditional(teacher)
+        raise ValueError(f"student and teacher features have different batch sizes "
+                         f"({student.shape[0]} and {teacher.shape[0]})")
+    p_s, p_t = cosine_conditional(student, eps), cosine_conditional(teacher, eps)
     per_row = (p_t * ((p_t + eps) / (p_s + eps)).log()).mean(dim=1)
     return check_reduction(per_row, reduction)
 
@@ -37,8 +46,8 @@ def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7,
 class PKT(FeatureDistiller):
     """PKT: ``ce + pkt_weight * pkt_loss(pooled_s, pooled_t)``; no learnable parts.
 
-    Works across architectures. Defaults (RepDistiller): ``pkt_weight`` 30000, ``eps`` 1e-7,
-    ``ce_weight`` 1, ``kd_weight`` 0 (T = 4).
+    Works across architectures. Defaults (RepDistiller's ``run_cifar_distill.sh``, ``-a 0 -b
+    30000``): ``pkt_weight`` 30000, ``eps`` 1e-7, ``ce_weight`` 1, ``kd_weight`` 0 (T = 4).
     """
 
     name = "pkt"

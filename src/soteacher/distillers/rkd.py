@@ -21,8 +21,10 @@ def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Distance-wise RKD: Huber loss between the pairwise distances of the two batches, each
-    divided by its mean off-diagonal distance (so the scales of the two spaces do not matter)."""
+    """Distance-wise RKD on (B, ...) features: smooth-L1 (Huber, beta 1) loss between the
+    pairwise distances of the two batches, each divided by its mean off-diagonal distance (so
+    the scales of the two spaces do not matter); squared distances are clamped at 1e-12 before
+    the square root."""
     s, t = student.flatten(1), teacher.flatten(1)
     d_s, d_t = pairwise_distances(s), pairwise_distances(t)
     off = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
@@ -39,16 +41,20 @@ def triplet_angles(e: Tensor) -> Tensor:
 
 
 def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Angle-wise RKD: Huber loss between the triplet angle cosines of the two batches."""
+    """Angle-wise RKD on (B, ...) features: smooth-L1 (Huber, beta 1) loss between the (B, B, B)
+    triplet angle cosines of the two batches."""
     return F.smooth_l1_loss(triplet_angles(student.flatten(1)), triplet_angles(teacher.flatten(1)))
 
 
 def rkd_loss(student: Tensor, teacher: Tensor, distance_weight: float = 25.0,
              angle_weight: float = 50.0) -> Tensor:
     """``distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss`` on embeddings
-    (B, D_s), (B, D_t). Relational, so a property of the whole batch (no per-sample reduction)."""
+    (B, ...) flattened to (B, D_s), (B, D_t). Relational, so a property of the whole batch (no
+    per-sample reduction). RepDistiller's ``RKDLoss(w_d, w_a)`` (equal in
+    ``tests/test_fidelity_relations.py``)."""
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError("student and teacher embeddings have different batch sizes")
+        raise ValueError(f"student and teacher embeddings have different batch sizes "
+                         f"({student.shape[0]} and {teacher.shape[0]})")
     return (distance_weight * rkd_distance_loss(student, teacher)
             + angle_weight * rkd_angle_loss(student, teacher))
 
@@ -61,7 +67,8 @@ class RKD(FeatureDistiller):
     learnable linear embedding of the student's pooled feature (trained with the student); it is
     off by default. Works across architectures.
 
-    Defaults (RepDistiller): ``rkd_weight`` 1, ``distance_weight`` 25, ``angle_weight`` 50,
+    Defaults (RepDistiller's ``RKDLoss()`` and ``run_cifar_distill.sh``, ``-a 0 -b 1``):
+    ``rkd_weight`` 1, ``distance_weight`` 25, ``angle_weight`` 50, ``embed_dim`` None,
     ``ce_weight`` 1, ``kd_weight`` 0 (T = 4).
     """
 

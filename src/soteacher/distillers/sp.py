@@ -12,7 +12,8 @@ from .common import FeatureDistiller, check_weight
 
 
 def similarity_matrix(feature: Tensor) -> Tensor:
-    """Row-normalised batch similarity ``G = normalize_rows(A A^T)`` of A = feature.view(B, -1)."""
+    """Row-normalised batch similarity (B, B) ``G = normalize_rows(A A^T)`` of a feature
+    (B, ...) flattened to ``A`` (B, D)."""
     a = feature.flatten(1)
     return F.normalize(a @ a.t(), dim=1)
 
@@ -20,11 +21,13 @@ def similarity_matrix(feature: Tensor) -> Tensor:
 def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """``||G_s - G_t||_F^2 / B^2`` for the (B, B) similarity matrices of the two features.
 
-    Features may have any (different) shapes as long as the batch size agrees. The loss is a
-    property of the whole batch, so there is no per-sample reduction.
+    Features (B, ...) may have any (different) shapes as long as the batch size agrees. The
+    loss is a property of the whole batch, so there is no per-sample reduction. RepDistiller's
+    ``Similarity.similarity_loss`` (equal in ``tests/test_fidelity_relations.py``).
     """
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError("student and teacher features have different batch sizes")
+        raise ValueError(f"student and teacher features have different batch sizes "
+                         f"({student.shape[0]} and {teacher.shape[0]})")
     b = student.shape[0]
     return (similarity_matrix(student) - similarity_matrix(teacher)).pow(2).sum() / (b * b)
 
@@ -32,9 +35,11 @@ def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class SP(FeatureDistiller):
     """Similarity preserving: ``ce + sp_weight * sp_loss(last student stage, last teacher stage)``.
 
-    Uses the last stage pair, as RepDistiller does. Works across architectures (the batch
-    similarity matrices have the same size whatever the features). No learnable parts.
-    Defaults (RepDistiller): ``sp_weight`` 3000, ``ce_weight`` 1, ``kd_weight`` 0 (T = 4).
+    Compares each network's last stage (``stages[-1]``, RepDistiller's ``feat[-2]``), whatever
+    the numbers of stages. Works across architectures (the batch similarity matrices have the
+    same size whatever the features). No learnable parts. Defaults (RepDistiller's
+    ``run_cifar_distill.sh``, ``-a 0 -b 3000``): ``sp_weight`` 3000, ``ce_weight`` 1,
+    ``kd_weight`` 0 (T = 4).
     """
 
     name = "sp"

@@ -16,6 +16,14 @@ reference code exactly:
 * every other module (activations, pooling, shortcuts, other normalisations) adds nothing.
 
 Biases never enter: they shift, they do not stretch.
+
+On every model of the zoo but the 1-D CNNs (which the reference cannot evaluate) this equals
+the reference's ``lip1Loss`` (shwinshaker/SoTeacher ``helper/lip_util.py``), value and
+gradient; ``tests/test_fidelity_relations.py`` holds the constants of sixteen of them. The
+reference picks leaf modules by class name ("conv", "batchnorm", "linear") and accepts only 4-D
+convolution kernels; layers are picked here by type, so 1-D and 3-D convolutions (the ``cnn1d``
+models), a renamed subclass of a layer, and batch norms without affine parameters or running
+statistics are covered too, where the reference would stop with an error or skip the layer.
 """
 
 from __future__ import annotations
