@@ -185,8 +185,9 @@ def test_pkt_against_loops():
     s, t = r.normal(size=(3, 4)), r.normal(size=(3, 2))
     eps = 1e-7
     def cond(a):
-        k = np.array([[(1 + a[i] @ a[j] / (np.linalg.norm(a[i]) * np.linalg.norm(a[j]))) / 2
-                       for j in range(3)] for i in range(3)])
+        # rows divided by (norm + 1e-7), as RepDistiller's PKT does
+        u = a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-7)
+        k = np.array([[(1 + u[i] @ u[j]) / 2 for j in range(3)] for i in range(3)])
         return k / k.sum(axis=1, keepdims=True)
     ps, pt = cond(s), cond(t)
     per_row = (pt * np.log((pt + eps) / (ps + eps))).mean(axis=1)
@@ -715,3 +716,16 @@ def test_api_distils_user_modules_with_named_layers():
                         progress=False)
     assert result.history[0]["loss_fitnet"] > 0
     assert not torch.equal(before, student[0].weight)
+
+
+def test_crd_gets_the_training_labels_from_the_training_set():
+    from soteacher.data.base import ArrayDataset
+    train = ArrayDataset(torch.randn(NUM_SAMPLES, *SHAPE), torch.arange(NUM_SAMPLES) % 3)
+    teacher, student = make_pair("crd")
+    d = build_distiller("crd", teacher, {"nce_k": 4}, student=student, num_samples=NUM_SAMPLES,
+                        train_set=train)
+    assert torch.equal(d.sample_labels, train.y)
+    # negatives of a sample come from the other classes, from the first step on
+    idx = torch.arange(6)
+    neg = d.contrast_indices(idx)[:, 1:]
+    assert (train.y[neg] != train.y[idx].unsqueeze(1)).all()

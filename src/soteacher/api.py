@@ -140,7 +140,8 @@ def distill(student: nn.Module, teacher: nn.Module, train_set: Dataset, *, metho
                          f"{num_classes}; they must match")
     objective = build_distiller(method, teacher, options, student=student,
                                 num_samples=len(train_set), num_classes=num_classes,
-                                input_shape=tuple(torch.as_tensor(train_set[0][0]).shape))
+                                input_shape=tuple(torch.as_tensor(train_set[0][0]).shape),
+                                train_set=train_set)
     trainer = Trainer(student, objective, train_set, settings, augment=augment, device=dev,
                       seed=seed, run_dir=run_dir, resume=resume, name=f"student[{method}]",
                       evaluate=_make_eval(test_set, truth, dev, preprocess), progress=progress,

@@ -189,7 +189,7 @@ def run_student(cfg: Config, data: DataBundle, teacher: nn.Module | None, run_di
         objective = build_distiller(cfg.distill.method, teacher, cfg.distill.options,
                                     student=student, num_samples=len(data.train),
                                     num_classes=data.num_classes,
-                                    input_shape=tuple(data.input_shape))
+                                    input_shape=tuple(data.input_shape), train_set=data.train)
     _train(cfg, data, student, objective, cfg.student.train, run_dir, resume, progress, name,
            model_spec(cfg.student.model, data))
     return student

@@ -19,10 +19,20 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from .known_truth import KnownTruthTask
 
-__all__ = ["DATASETS", "ArrayDataset", "IndexedDataset", "DataBundle"]
+__all__ = ["DATASETS", "ArrayDataset", "IndexedDataset", "DataBundle", "dataset_labels"]
 
 #: Dataset builders by name; each is a function of keyword options returning a ``DataBundle``.
 DATASETS = Registry("dataset")
+
+
+def dataset_labels(dataset: Dataset) -> Tensor | None:
+    """Every sample's label (N,) in index order, where the dataset holds them without loading
+    its inputs (``y`` of an :class:`ArrayDataset`, ``targets`` of an image folder); else None."""
+    for attr in ("y", "targets"):
+        labels = getattr(dataset, attr, None)
+        if isinstance(labels, Tensor) and labels.dim() == 1 and len(labels) == len(dataset):
+            return labels
+    return None
 
 
 class ArrayDataset(Dataset):

@@ -15,7 +15,9 @@ import inspect
 from typing import Any, Sequence
 
 from torch import nn
+from torch.utils.data import Dataset
 
+from ..data.base import dataset_labels
 from ..objective import call_builder
 from ..registry import Registry
 from .ab import AB, ab_loss
@@ -46,18 +48,25 @@ for _name, _cls in (("kd", KD), ("dkd", DKD), ("dist", DIST), ("fitnet", FitNet)
 def build_distiller(method: str, teacher: nn.Module, options: dict[str, Any] | None = None, *,
                     student: nn.Module | None = None, num_samples: int | None = None,
                     num_classes: int | None = None,
-                    input_shape: Sequence[int] | None = None) -> Distiller:
+                    input_shape: Sequence[int] | None = None,
+                    train_set: Dataset | None = None) -> Distiller:
     """The distiller ``method`` around ``teacher``, with user ``options``.
 
     ``input_shape`` (one sample's shape) is a default for the option of the same name of the
     feature-based methods, which run both models once on a dummy input at construction; it is
     only needed for models without an ``input_shape`` attribute (registered models have one).
+    ``train_set`` gives CRD the training labels in index order (``sample_labels``), so that its
+    negatives come from other classes from the first step, as in the reference.
     """
     cls = DISTILLERS.get(method)
     options = dict(options or {})
-    if (input_shape is not None and "input_shape" not in options
-            and "input_shape" in inspect.signature(cls).parameters):
+    params = inspect.signature(cls).parameters
+    if input_shape is not None and "input_shape" not in options and "input_shape" in params:
         options["input_shape"] = tuple(input_shape)
+    if train_set is not None and "sample_labels" not in options and "sample_labels" in params:
+        labels = dataset_labels(train_set)
+        if labels is not None:
+            options["sample_labels"] = labels
     return call_builder(cls, options, f"distiller {method!r}",
                         teacher=teacher, student=student, num_samples=num_samples,
                         num_classes=num_classes)
