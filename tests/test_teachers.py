@@ -182,7 +182,7 @@ def _mlp(bn=False, seed=0):
 
 def test_swa_average_is_the_mean_of_the_per_epoch_weights():
     snaps = Snapshots()
-    t = _trainer(_mlp(), [snaps, WeightAveraging(start_epoch=1)], epochs=4)
+    t = _trainer(_mlp(), [snaps, WeightAveraging(start_epoch=2)], epochs=4)   # epochs 2, 3, 4
     t.fit()
     for name, p in t.model.named_parameters():
         expected = torch.stack([snaps.params[e][name] for e in (2, 3, 4)]).mean(0)
@@ -192,21 +192,21 @@ def test_swa_average_is_the_mean_of_the_per_epoch_weights():
 
 def test_swa_refreshes_batch_norm_and_resumes_exactly(tmp_path):
     data = _data()
-    t = _trainer(_mlp(bn=True), [WeightAveraging(start_epoch=0)], data=data)
+    t = _trainer(_mlp(bn=True), [WeightAveraging(start_epoch=1)], data=data)
     t.fit()
     lin, bn = t.model[0], t.model[1]
     with torch.no_grad():
         h = lin(data.x)
     assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)   # 48 = 6 equal batches
-    # interrupted after epoch 2, resumed: the same averaged weights as in one go
-    ref = _trainer(_mlp(bn=True), [WeightAveraging(0)], run_dir=tmp_path / "ref")
+    # interrupted after epoch 2, resumed: the same averaged weights and refreshed statistics
+    ref = _trainer(_mlp(bn=True), [WeightAveraging(1)], run_dir=tmp_path / "ref")
     ref.fit()
-    cut = _trainer(_mlp(bn=True), [WeightAveraging(0)], run_dir=tmp_path / "cut")
+    cut = _trainer(_mlp(bn=True), [WeightAveraging(1)], run_dir=tmp_path / "cut")
     orig = cut._train_epoch
     cut._train_epoch = lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e == 3 else orig(e)
     with pytest.raises(KeyboardInterrupt):
         cut.fit()
-    resumed = _trainer(_mlp(bn=True), [WeightAveraging(0)], run_dir=tmp_path / "cut",
+    resumed = _trainer(_mlp(bn=True), [WeightAveraging(1)], run_dir=tmp_path / "cut",
                        resume=True)
     resumed.fit()
     for k, v in ref.model.state_dict().items():

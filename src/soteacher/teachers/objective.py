@@ -18,6 +18,11 @@ class TeacherObjective(Objective):
     """``ce + lipschitz_weight * LipschitzBound(model) + lambda_CR(epoch) * consistency
     + crl_weight(epoch) * ConfidenceRanking``.
 
+    ``ce`` is the batch mean of the cross-entropy of logits (B, C) against labels (B,); with
+    ``label_smoothing = eps > 0`` the target is ``(1 - eps)`` on the label plus ``eps / C`` on
+    every class (Szegedy et al., 2016; PyTorch's ``label_smoothing``, not ``eps / (C - 1)`` on
+    the other classes).
+
     Terms whose weight is zero are left out (and cost nothing). The consistency term needs
     ``num_samples`` and ``num_classes`` for its bank, and ``num_epochs`` for its schedule; the
     CRL term (see :mod:`.crl`) needs ``num_samples`` for its correctness counts.
