@@ -23,6 +23,7 @@ import torch
 
 from soteacher.config import apply_overrides, load_config
 from soteacher.distillers import list_distillers
+from soteacher.engine.allocator import tune_cpu_allocator
 from soteacher.engine.evaluate import evaluate
 from soteacher.pipeline import build_data, load_model, run_student, run_teacher
 
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = p.parse_args()
+    tune_cpu_allocator()                # as the soteacher command does (see engine/allocator.py)
     torch.set_num_threads(args.threads)
     results: dict = {}
     t0 = time.perf_counter()

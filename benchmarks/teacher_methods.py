@@ -10,6 +10,14 @@ given different ``--datasets`` (or ``--set experiment.seeds=[...]``) share the d
     .venv/bin/python benchmarks/teacher_methods.py                  # about 3 CPU-core hours
     .venv/bin/python benchmarks/teacher_methods.py --device auto    # on a GPU if there is one
     .venv/bin/python benchmarks/teacher_methods.py --tiny --out /tmp/tm --plots /tmp/tm/plots
+
+A partial rerun (e.g. only the FitNet students after a change to FitNet) reruns what it is told
+into a new directory and takes every other run from the committed results.csv:
+
+    .venv/bin/python benchmarks/teacher_methods.py --out runs/bench/tm_fitnet \
+        --set "experiment.distillers=[fitnet]" --plots /tmp/unused
+    .venv/bin/python benchmarks/teacher_methods.py --out runs/bench/tm_fitnet --report-only \
+        --previous docs/teacher_methods/results.csv
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 import torch
 
 from soteacher.config import load_experiment_config
+from soteacher.engine.allocator import tune_cpu_allocator
 from soteacher.experiment import run_experiment, write_report
 from soteacher.experiment.report import read_results_csv, student_cells, teacher_cells
 
@@ -130,11 +139,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="toy scale, to check that it all runs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; remake the report from --out (and --previous)")
     p.add_argument("--previous", type=Path, default=None, metavar="CSV",
                    help="a results.csv of an earlier full run: its rows fill in the runs this "
                         "invocation does not (re)run, e.g. after rerunning only the FitNet "
                         "students with --set 'experiment.distillers=[fitnet]'")
+    p.add_argument("--drop-previous", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="leave out the --previous rows whose COLUMN equals VALUE (runs whose "
+                        "method changed and that were not rerun); repeatable")
     args = p.parse_args()
+    tune_cpu_allocator()                # as the soteacher command does (see engine/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -151,9 +166,14 @@ def main() -> None:
             overrides.append(f"device={args.device}")
         cfg = load_experiment_config(args.config, overrides + args.overrides)
         baseline = cfg.experiment.baseline
+        if args.report_only:
+            continue
         log(f"== {ds}")
         run_experiment(cfg, args.out, log=lambda m, ds=ds: log(f"{ds} {m}"))
-    previous = read_results_csv(args.previous) if args.previous else ()
+    previous = read_results_csv(args.previous) if args.previous else []
+    for rule in args.drop_previous:
+        column, _, value = rule.partition("=")
+        previous = [r for r in previous if str(r.get(column)) != value]
     report = write_report(args.out, baseline=baseline, plots_dir=args.plots, previous=previous)
     args.plots.mkdir(parents=True, exist_ok=True)
     for name in ("summary_md", "results_csv"):     # the tables go with the figures
