@@ -16,7 +16,7 @@ from soteacher.api import as_indexed
 from soteacher.config import ConfigError, apply_overrides, load_config, validate
 from soteacher.engine.evaluate import resolve_device
 from soteacher.engine.io import CheckpointError, atomic_write_bytes, safe_torch_load
-from soteacher.engine.trainer import save_weights
+from soteacher.engine.trainer import InputShapeError, save_weights
 from soteacher.models import create_model
 from soteacher.pipeline import load_model, prepare_run_dir
 from soteacher.teachers import build_teacher_objective
@@ -55,8 +55,10 @@ def test_dataset_items_that_are_not_pairs():
 def test_inputs_of_the_wrong_shape():
     model = create_model("cnn1d_small", 3, (1, 8))
     data = ArrayDataset(torch.randn(16, 8), torch.randint(0, 3, (16,)))   # (N, L), no channel
-    with pytest.raises(RuntimeError):
-        train_teacher(model, data, method="standard", epochs=1, batch_size=8, progress=False)
+    with pytest.raises(InputShapeError, match=r"each sample has shape \(8,\).*expects inputs "
+                                              r"of shape \(1, 8\) per sample"):
+        train_teacher(model, data, method="standard", epochs=1, milestones=[], batch_size=8,
+                      progress=False)
 
 
 def test_corrupt_and_truncated_checkpoints(tmp_path):
@@ -134,7 +136,8 @@ def test_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
 def test_cuda_requested_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    with pytest.raises(ValueError, match="CUDA is not available; use --device cpu"):
+    with pytest.raises(ValueError, match="CUDA is not available; use the CPU \\(device='cpu' "
+                                         "in the Python API, --device cpu on the command line"):
         resolve_device("cuda")
 
 

@@ -10,7 +10,8 @@ from soteacher.cli.main import main
 TINY = ["--set", "data.options.num_train=120", "--set", "data.options.num_test=80",
         "--set", "teacher.train.epochs=2", "--set", "student.train.epochs=2",
         "--set", "teacher.train.batch_size=32", "--set", "student.train.batch_size=32",
-        "--set", "teacher.model.options.widths=[8, 16]", "--quiet"]
+        "--set", "teacher.train.milestones=[1]", "--set", "student.train.milestones=[1]",
+        "--set", "teacher.model.options.widths=[8, 16]", "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,11 @@ The public API::
 
 __version__ = "0.1.0"
 
+# Before torch is imported: OpenMP reads its wait policy once, at start (engine/threads.py).
+from .engine.threads import prefer_passive_wait as _prefer_passive_wait
+
+_prefer_passive_wait()
+
 from .api import TrainResult, distill, evaluate, train_teacher
 from .data import ArrayDataset, IndexedDataset, OracleTeacher, build_dataset, list_datasets
 from .distillers import Distiller, build_distiller, kd_loss, list_distillers

@@ -13,6 +13,7 @@ import inspect
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ import yaml
 from .engine.optim import TrainSettings
 
 __all__ = ["ConfigError", "Config", "DataSpec", "ModelSpec", "TeacherSpec", "StudentSpec",
-           "DistillSpec", "TrainSettings", "ExperimentSpec", "ExperimentConfig", "load_config",
-           "load_experiment_config", "apply_overrides", "config_to_dict", "validate",
-           "default_config_path"]
+           "DistillSpec", "LoggingSpec", "TrainSettings", "ExperimentSpec", "ExperimentConfig",
+           "load_config", "load_experiment_config", "apply_overrides", "config_to_dict",
+           "validate", "default_config_path", "RUNTIME_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,14 @@ class DistillSpec:
 
 
 @dataclass
+class LoggingSpec:
+    """Where metrics go besides ``metrics.jsonl``. ``tensorboard``: also TensorBoard event files
+    in ``RUN_DIR/tensorboard`` (needs ``pip install 'soteacher[tensorboard]'``)."""
+
+    tensorboard: bool = False
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: str = "cpu"
@@ -74,6 +83,16 @@ class Config:
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
+    # CPU threads for torch; None: OMP_NUM_THREADS, else one per CPU (see engine/threads.py)
+    threads: int | None = None
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+
+
+#: Keys that say how a run is executed, not what it computes: they are left out of the
+#: ``config.yaml`` of run directories, so a run may be resumed (or an experiment continued)
+#: with other threads or logging, and run directories written before these keys existed still
+#: match their config.
+RUNTIME_KEYS = ("threads", "logging")
 
 
 @dataclass
@@ -200,15 +219,23 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg: Config, runtime: bool = False) -> dict[str, Any]:
+    """The config as plain data; without ``runtime``, the ``RUNTIME_KEYS`` are left out (what
+    run directories store)."""
+    data = dataclasses.asdict(cfg)
+    if not runtime:
+        for key in RUNTIME_KEYS:
+            data.pop(key, None)
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                schema: type = Config) -> Config:
+                schema: type = Config, notes: list[str] | None = None) -> Config:
     """Read ``path`` (default: the embedded demo config) and apply ``key=value`` overrides.
 
-    ``schema`` is the dataclass the file must fit (``Config``, or ``ExperimentConfig``)."""
+    ``schema`` is the dataclass the file must fit (``Config``, or ``ExperimentConfig``).
+    ``notes`` collects what the overrides changed beyond the keys they name (see
+    ``apply_overrides``)."""
     path = Path(path) if path is not None else default_config_path()
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -218,18 +245,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return apply_overrides(_build(schema, data), overrides or [])
+    return apply_overrides(_build(schema, data), overrides or [], notes=notes)
 
 
-def load_experiment_config(path: str | Path, overrides: list[str] | None = None
-                           ) -> ExperimentConfig:
+def load_experiment_config(path: str | Path, overrides: list[str] | None = None,
+                           notes: list[str] | None = None) -> ExperimentConfig:
     """An experiment config: the run keys plus an ``experiment:`` section."""
-    return load_config(path, overrides, schema=ExperimentConfig)
+    return load_config(path, overrides, schema=ExperimentConfig, notes=notes)
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) and return a new config."""
-    data = config_to_dict(cfg)
+#: (name key, options key) pairs: options written for one named builder (a dataset, a model, a
+#: teacher method, a distiller) that ``apply_overrides`` reconciles when an override switches the
+#: name.
+SWITCHABLE = (("data.name", "data.options"), ("teacher.method", "teacher.options"),
+              ("teacher.model.name", "teacher.model.options"),
+              ("student.model.name", "student.model.options"),
+              ("distill.method", "distill.options"))
+
+
+def apply_overrides(cfg: Config, overrides: list[str], notes: list[str] | None = None) -> Config:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) and return a new config.
+
+    Switching a name (``teacher.method``, ``distill.method``, ``data.name``,
+    ``teacher.model.name``, ``student.model.name``) keeps the options the new choice accepts and
+    drops the others that came from ``cfg`` (they were written for the old choice); each drop is
+    reported as one line in ``notes`` (a ``UserWarning`` when ``notes`` is None), never silently.
+    Options set by the overrides themselves are kept as given, so one the new choice rejects is
+    still an error in ``validate``.
+    """
+    data = config_to_dict(cfg, runtime=True)
+    set_keys: list[str] = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, "
@@ -248,7 +293,75 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[:i + 1])!r} is not a mapping")
         node[parts[-1]] = value
-    return _build(type(cfg), data)
+        set_keys.append(key)
+    new = _build(type(cfg), data)
+    for name_key, options_key in SWITCHABLE:
+        _reconcile_options(cfg, new, name_key, options_key, set_keys, notes)
+    return new
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _reconcile_options(old: Config, new: Config, name_key: str, options_key: str,
+                       set_keys: list[str], notes: list[str] | None) -> None:
+    """Drop the options of ``options_key`` that the switched-to builder does not accept and that
+    no override named (see ``apply_overrides``)."""
+    before, after = _get(old, name_key), _get(new, name_key)
+    if before == after:
+        return
+    # An override of the options mapping itself, or of a section holding it, sets all of them.
+    if any(options_key == k or options_key.startswith(k + ".") for k in set_keys):
+        return
+    explicit = {k[len(options_key) + 1:] for k in set_keys if k.startswith(options_key + ".")}
+    registry, context = _builder_registry(name_key)
+    if after not in registry:
+        return                              # validate reports the unknown name
+    accepted = _accepted_options(registry.get(after), context)
+    options = _get(new, options_key)
+    dropped = [k for k in options if k not in explicit and k not in accepted]
+    kept = [k for k in options if k not in explicit and k in accepted]
+    if not dropped and not kept:
+        return
+    for k in dropped:
+        del options[k]
+    parts = []
+    if dropped:
+        parts.append(f"dropped {options_key} {', '.join(dropped)}, which it does not take")
+    if kept:
+        parts.append(f"kept {', '.join(f'{k}={options[k]!r}' for k in kept)}, which it takes "
+                     f"(--set {options_key}={{}} for its defaults)")
+    msg = f"{name_key} is now {after!r} (was {before!r}): {'; '.join(parts)}"
+    if notes is None:
+        warnings.warn(msg, stacklevel=3)
+    else:
+        notes.append(msg)
+
+
+def _builder_registry(name_key: str):
+    from .data import DATASETS
+    from .distillers import DISTILLERS
+    from .models import MODELS
+    from .teachers import TEACHER_CONTEXT, TEACHERS
+    return {"data.name": (DATASETS, ()),
+            "teacher.method": (TEACHERS, TEACHER_CONTEXT),
+            "teacher.model.name": (MODELS, MODEL_CONTEXT),
+            "student.model.name": (MODELS, MODEL_CONTEXT),
+            "distill.method": (DISTILLERS, DISTILL_CONTEXT)}[name_key]
+
+
+def _accepted_options(fn: Any, context: tuple[str, ...]) -> set[str]:
+    """The option names ``objective.check_options`` lets through for builder ``fn``."""
+    params = inspect.signature(fn).parameters
+    return {n for n, p in params.items() if n not in context and n != "self"
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+MODEL_CONTEXT = ("num_classes", "input_shape")
+DISTILL_CONTEXT = ("teacher", "student", "num_samples", "num_classes")
 
 
 # ---- checking options against the builders they feed -----------------------------------------
@@ -271,7 +384,10 @@ def validate(cfg: Config, phases: tuple[str, ...] = ("teacher", "student", "dist
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-    model_ctx = ("num_classes", "input_shape")
+    model_ctx = MODEL_CONTEXT
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be >= 1 (or null: as many as the machine gives), "
+                          f"got {cfg.threads}")
     check(DATASETS, cfg.data.name, cfg.data.options, "data", "name", ())
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
@@ -291,7 +407,7 @@ def validate(cfg: Config, phases: tuple[str, ...] = ("teacher", "student", "dist
         _check_train(cfg.student.train, "student.train")
     if "distill" in phases:
         check(DISTILLERS, cfg.distill.method, cfg.distill.options, "distill", "method",
-              ("teacher", "student", "num_samples", "num_classes"))
+              DISTILL_CONTEXT)
 
 
 def _check_train(s: TrainSettings, key: str) -> None:

@@ -17,14 +17,15 @@ import torch
 import yaml
 from torch import nn
 
-from .config import Config, ConfigError, ModelSpec, config_to_dict, validate
+from .config import Config, ConfigError, ModelSpec, config_to_dict, parse_yaml, validate
 from .data import DataBundle, OracleTeacher, build_dataset
 from .distillers import build_distiller
 from .engine.distributed import is_main
 from .engine.evaluate import evaluate, predict, resolve_device
 from .engine.io import (CheckpointError, atomic_write_json, atomic_write_text, safe_torch_load,
                         state_dict_mismatch)
-from .engine.trainer import CHECKPOINT, METRICS, WEIGHTS, WEIGHTS_FORMAT, Trainer
+from .engine.trainer import (CHECKPOINT, METRICS, WEIGHTS, WEIGHTS_FORMAT, Trainer,
+                             expected_input)
 from .metrics import agreement
 from .models import create_model
 from .teachers import build_teacher_objective, teacher_params, wrap_for_spec
@@ -207,7 +208,8 @@ def _train(cfg, data, model, objective, settings, run_dir, resume, progress, nam
                       seed=cfg.seed, run_dir=run_dir, resume=resume, evaluate=test_eval,
                       name=name, progress=progress, num_workers=cfg.data.num_workers,
                       model_spec=spec, num_classes=data.num_classes,
-                      config=config_to_dict(cfg), preprocess=pre, callbacks=callbacks)
+                      config=config_to_dict(cfg), preprocess=pre, callbacks=callbacks,
+                      tensorboard=cfg.logging.tensorboard and run_dir is not None)
     trainer.fit()
     return trainer
 
@@ -223,8 +225,11 @@ def check_teacher_fits(teacher: nn.Module, data: DataBundle) -> None:
                 x = data.preprocess.to(device)(x)
             out = teacher(x)
     except RuntimeError as e:
+        expects = expected_input(teacher)
         raise ConfigError(f"the teacher cannot read this dataset's inputs of shape "
-                          f"{tuple(data.input_shape)}: {str(e).splitlines()[0]}") from None
+                          f"{tuple(data.input_shape)}" + (f"; it expects {expects}" if expects
+                                                          else "")
+                          + f": {str(e).splitlines()[0]}") from None
     if out.shape[-1] != data.num_classes:
         raise ConfigError(f"the teacher predicts {out.shape[-1]} classes but dataset "
                           f"{data.name!r} has {data.num_classes}")
@@ -250,41 +255,84 @@ def model_report(model: nn.Module, data: DataBundle, device: Any = None,
 
 DEMO_TEACHERS = ("standard", "soteacher")
 
+
+def _check_demo_resume(cfg: Config, out: Path) -> None:
+    """Refuse ``--resume`` where there is no demo, or a demo of another config."""
+    stored = out / "config.yaml"
+    if not stored.is_file():
+        raise ConfigError(f"nothing to resume: no demo in {str(out)!r}; run the demo without "
+                          f"--resume")
+    have = parse_yaml(stored.read_text())
+    want = parse_yaml(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if have != want:
+        raise ConfigError(f"the demo in {str(out)!r} was run with another config "
+                          f"({_first_difference(have, want)}); resume it with the options it was "
+                          f"started with (e.g. --quick), or pass --overwrite to start again")
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    return f"{prefix or '(top level)'}: {a!r} there, {b!r} now"
+
+
 def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
-             log=print, overwrite: bool = False) -> dict[str, Any]:
+             log=print, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Standard vs SoTeacher teacher on known-truth data, a KD student from each (and from the
     oracle p*), and a student without a teacher; ``seeds`` repetitions, mean and spread.
-    Results go to ``out`` (prepared only once the inputs are known to be good)."""
+    Results go to ``out`` (prepared only once the inputs are known to be good).
+
+    ``resume`` continues a demo interrupted in ``out`` with the same config: finished runs are
+    read back from their checkpoints (not trained again), an interrupted one continues from its
+    last checkpoint, and the results equal those of a demo that was never interrupted.
+    ``wall_time_s`` counts this call only."""
     validate(cfg)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     data = build_data(cfg)
     if data.truth is None:
         raise ConfigError(f"the demo needs a dataset whose true label distribution is known; "
                           f"{cfg.data.name!r} has none (use data.name=known_truth)")
-    out = prepare_run_dir(out, overwrite=overwrite)
+    if resume:
+        _check_demo_resume(cfg, Path(out))
+    out = prepare_run_dir(out, overwrite=overwrite, resume=resume)
     save_config(cfg, out)
     t0 = time.perf_counter()
     per_seed: list[dict[str, dict[str, dict[str, float]]]] = []
+
+    def phase(run_dir: Path, what: str) -> bool:
+        """Whether the run in ``run_dir`` continues from a checkpoint; logs what happens."""
+        again = resume and (run_dir / CHECKPOINT).is_file()
+        done = again and (run_dir / WEIGHTS).is_file()
+        log(f"{what}" + (" (finished before; read back)" if done else
+                         " (continued from its checkpoint)" if again else ""))
+        return again
+
     for i in range(seeds):
         seed_cfg = _with_seed(cfg, cfg.seed + i)
         root = out / f"seed{seed_cfg.seed}"
         teachers: dict[str, nn.Module] = {}
         run = {"teachers": {}, "students": {}}
         for method in DEMO_TEACHERS:
-            log(f"[seed {seed_cfg.seed}] training the {method} teacher")
+            run_dir = root / f"teacher_{method}"
+            again = phase(run_dir, f"[seed {seed_cfg.seed}] training the {method} teacher")
             options = seed_cfg.teacher.options if method == "soteacher" else {}
-            teachers[method] = run_teacher(seed_cfg, data, root / f"teacher_{method}",
-                                           method=method, options=options, progress=progress)
+            teachers[method] = run_teacher(seed_cfg, data, run_dir, method=method,
+                                           options=options, progress=progress, resume=again)
         teachers["oracle"] = OracleTeacher(data.truth)
         for name, teacher in teachers.items():
             run["teachers"][name] = model_report(teacher, data, seed_cfg.device)
         for name in (*teachers, "none"):
-            log(f"[seed {seed_cfg.seed}] training the student " +
-                ("without a teacher" if name == "none" else f"of the {name} teacher"))
+            run_dir = root / f"student_{name}"
+            again = phase(run_dir, f"[seed {seed_cfg.seed}] training the student " +
+                          ("without a teacher" if name == "none" else f"of the {name} teacher"))
             teacher = teachers.get(name)
-            student = run_student(seed_cfg, data, teacher, root / f"student_{name}",
-                                  progress=progress, name=f"student[{name}]")
+            student = run_student(seed_cfg, data, teacher, run_dir, progress=progress,
+                                  name=f"student[{name}]", resume=again)
             run["students"][name] = model_report(student, data, seed_cfg.device, teacher)
         per_seed.append(run)
     results = summarise(per_seed)

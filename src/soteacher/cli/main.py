@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+import warnings
 from pathlib import Path
+
+# Measured by benchmarks/shared_machine.py (BENCHMARKS.md, "Training on a shared machine").
+DEMO_DURATION = "see README for how long it takes"
+QUICK_DURATION = "a fraction of the full demo's time"
 
 QUICK_OVERRIDES = [
     "data.options.num_train=1000", "data.options.num_test=1000",
@@ -21,7 +27,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set teacher.train.epochs=10 (repeatable)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, auto, ...")
+    _threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: the config's 'threads', else "
+                        "OMP_NUM_THREADS, else one per CPU; idle OpenMP threads sleep instead "
+                        "of spinning, so a busy machine does not slow training down)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,13 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="standard vs SoTeacher teacher on data with known p*, "
-                                    "students from each, and a results table")
+                                    f"students from each, and a results table ({DEMO_DURATION})")
     _common(d)
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     d.add_argument("--quick", action="store_true",
-                   help="a small version that finishes in about a minute on a laptop CPU: "
-                        + " ".join(QUICK_OVERRIDES))
+                   help=f"a smoke run ({QUICK_DURATION}): " + " ".join(QUICK_OVERRIDES))
     d.add_argument("--seeds", type=int, default=1, help="repeat with N seeds, report mean and std")
+    d.add_argument("--resume", action="store_true",
+                   help="continue an interrupted demo in --out (finished runs are kept)")
     d.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
     t = sub.add_parser("train-teacher", help="train a teacher with the configured method")
@@ -60,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="config naming the dataset (default: the run directory's config.yaml)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--device", default=None)
+    _threads(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     x = sub.add_parser("experiment", help="a grid of teacher methods x distillers x seeds "
@@ -70,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set experiment.seeds=[0,1] (repeatable)")
     x.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, auto, ...")
+    _threads(x)
     x.add_argument("--quiet", action="store_true", help="no progress output")
     x.add_argument("--report-only", action="store_true",
                    help="train nothing; remake the report of the runs in --out")
@@ -100,17 +117,46 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--device", default="cpu")
     tp.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     tp.add_argument("--channels-last", action="store_true")
-    tp.add_argument("--json", action="store_true", help="end with one JSON line")
+    _threads(tp)
+    tp.add_argument("--json", action="store_true", help="print only one JSON line")
+    # the GPU grid (soteacher.bench.cuda_grid; issue 15)
+    gr = bench_sub.add_parser("grid", help="on a GPU: loop efficiency and SoTeacher's overhead "
+                                           "with bf16 and channels-last, per model, batch size "
+                                           "and torch.compile mode")
+    gr.add_argument("--device", default="cuda")
+    gr.add_argument("--models", nargs="+", default=["resnet8x4", "wrn_40_2"])
+    gr.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128])
+    gr.add_argument("--compile", choices=["both", "off", "on"], default="both")
+    gr.add_argument("--steps", type=int, default=50, help="steps per timed loop")
+    gr.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median kept)")
+    gr.add_argument("--json", action="store_true", help="print only one JSON line")
     return p
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
 
 
 def _load(args, phases: tuple[str, ...]):
     from ..config import apply_overrides, load_config, validate
-    cfg = load_config(args.config, args.overrides)
+    notes: list[str] = []
+    cfg = load_config(args.config, args.overrides, notes=notes)
     if getattr(args, "device", None):
         cfg = apply_overrides(cfg, [f"device={args.device}"])
+    if getattr(args, "threads", None) is not None:
+        cfg = apply_overrides(cfg, [f"threads={args.threads}"])
     validate(cfg, phases)
+    _apply_threads(cfg.threads)
+    from ..engine.distributed import is_main
+    if is_main():
+        for n in notes:
+            _note(n)
     return cfg
+
+
+def _apply_threads(threads: int | None) -> None:
+    from ..engine.threads import set_threads
+    set_threads(threads)
 
 
 def cmd_demo(args) -> int:
@@ -120,7 +166,7 @@ def cmd_demo(args) -> int:
     cfg = _load(args, ("teacher", "student", "distill"))
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     results = run_demo(cfg, args.out, seeds=args.seeds, progress=not args.quiet, log=log,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, resume=args.resume)
     print(format_results(results))
     print(f"\nresults: {args.out / 'results.json'} ({results['wall_time_s']:.0f}s)")
     return 0
@@ -202,14 +248,21 @@ def cmd_evaluate(args) -> int:
 def cmd_experiment(args) -> int:
     from ..config import ConfigError, apply_overrides, load_experiment_config
     from ..experiment import run_experiment, write_report
-    from ..engine.distributed import run_on_main
+    from ..engine.distributed import is_main, run_on_main
     baseline = "standard"
     if args.config is not None:
-        cfg = load_experiment_config(args.config, args.overrides)
+        notes: list[str] = []
+        cfg = load_experiment_config(args.config, args.overrides, notes=notes)
         if args.device:
             cfg = apply_overrides(cfg, [f"device={args.device}"])
+        if args.threads is not None:
+            cfg = apply_overrides(cfg, [f"threads={args.threads}"])
+        if is_main():
+            for n in notes:
+                _note(n)
         baseline = cfg.experiment.baseline
         if not args.report_only:
+            _apply_threads(cfg.threads)
             log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
             run_experiment(cfg, args.out, progress=not args.quiet, log=log)
     elif not args.report_only:
@@ -248,11 +301,17 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench_command == "grid":
+        return _bench_grid(args)
     from ..bench import throughput
+    _apply_threads(args.threads)
     r = throughput(args.model, batch_size=args.batch_size, steps=args.steps,
                    device=args.device, num_classes=args.num_classes, amp=args.amp,
                    channels_last=args.channels_last, repeats=args.repeats)
     r["cpu_allocator"] = args.cpu_allocator          # set by main()
+    if args.json:                                    # machine-readable: the JSON line alone
+        print(json.dumps(r))
+        return 0
     print(f"{r['model']} batch {r['batch_size']} on {r['device']} ({r['threads']} threads, "
           f"amp {r['amp']}, channels_last {r['channels_last']}, CPU allocator "
           f"{r['cpu_allocator']})")
@@ -262,8 +321,15 @@ def cmd_bench(args) -> int:
     lo, hi = r["soteacher_overhead_range"]
     print(f"  soteacher_overhead {r['soteacher_overhead']:.3f}  (SoTeacher / standard step time; "
           f"rounds {lo:.3f}..{hi:.3f})")
-    if args.json:
-        print(json.dumps(r))
+    return 0
+
+
+def _bench_grid(args) -> int:
+    from ..bench import cuda_grid, grid_table
+    modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.compile]
+    rows = cuda_grid(args.models, args.batch_sizes, modes, device=args.device,
+                     steps=args.steps, repeats=args.repeats)
+    print(json.dumps(rows) if args.json else grid_table(rows))
     return 0
 
 
@@ -282,7 +348,78 @@ COMMANDS = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd
 DISTRIBUTED_COMMANDS = ("train-teacher", "distill", "experiment")
 
 
+def _kept(command: str, out: Path | None) -> tuple[str, bool]:
+    """What an interrupted command left in ``out``, and whether ``--resume`` can continue it."""
+    from ..engine.io import CheckpointError, safe_torch_load
+    from ..engine.trainer import CHECKPOINT, WEIGHTS
+    if out is None or not out.is_dir():
+        return "nothing was kept", False
+
+    def where(run: Path) -> str | None:
+        if (run / WEIGHTS).is_file():
+            return "finished"
+        if (run / CHECKPOINT).is_file():
+            try:
+                ck = safe_torch_load(run / CHECKPOINT)
+                return f"at epoch {ck['epoch']}, step {ck.get('step', 0)}"
+            except (CheckpointError, KeyError, TypeError):
+                return None
+        return None
+
+    if command == "demo":
+        runs = sorted(p.parent for p in out.glob("seed*/*/config.yaml"))
+        states = [(r.relative_to(out).as_posix(), where(r)) for r in runs]
+        done = [name for name, st in states if st == "finished"]
+        partial = [f"{name} {st}" for name, st in states if st not in (None, "finished")]
+        if not done and not partial:
+            return f"nothing finished in {out} yet", (out / "config.yaml").is_file()
+        parts = []
+        if done:
+            parts.append(f"{len(done)} finished run(s) ({', '.join(done)})")
+        if partial:
+            parts.append(f"the checkpoint of {', '.join(partial)}")
+        return f"kept {' and '.join(parts)} in {out}", True
+    if command == "experiment":
+        done = len(list(out.glob("**/summary.json")))
+        return f"kept {done} finished run(s) and the checkpoints of unfinished ones in {out}", True
+    state = where(out)
+    if state == "finished":
+        return f"the run in {out} had finished", True
+    if state is not None:
+        return f"kept the checkpoint {state} in {out}", True
+    return f"no checkpoint had been written in {out} yet", False
+
+
+def _continue_command(command: str, argv: list[str], resumable: bool) -> str:
+    """The command line that continues an interrupted ``command``."""
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    if command in ("demo", "train-teacher", "distill"):
+        args.append("--resume" if resumable else "--overwrite")
+    return shlex.join(["soteacher", *args])
+
+
+def _interrupted(args, argv: list[str]) -> int:
+    from ..engine.distributed import is_main
+    if not is_main():
+        return 130
+    out = getattr(args, "out", None)
+    if args.command in ("demo", "train-teacher", "distill", "experiment"):
+        kept, resumable = _kept(args.command, out)
+        again = "start again" if not resumable and args.command != "experiment" else "continue"
+        print(f"\nsoteacher {args.command}: interrupted; {kept}; {again} with: "
+              f"{_continue_command(args.command, argv, resumable)}", file=sys.stderr)
+    else:
+        print(f"\nsoteacher {args.command}: interrupted; nothing was kept", file=sys.stderr)
+    return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Library warnings (a schedule that never decays, options dropped by --set) as one line.
+    print(f"note: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     from ..engine.allocator import tune_cpu_allocator
     args.cpu_allocator = "tuned" if tune_cpu_allocator() else "default"
@@ -291,9 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.trainer import NonFiniteLossError
     from ..engine.distributed import process_group
     try:
-        # Under torchrun (WORLD_SIZE > 1): one process group for the command's lifetime.
-        with process_group(f"soteacher {args.command}", args.command in DISTRIBUTED_COMMANDS):
-            return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            # Under torchrun (WORLD_SIZE > 1): one process group for the command's lifetime.
+            with process_group(f"soteacher {args.command}", args.command in DISTRIBUTED_COMMANDS):
+                return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if os.environ.get("SOTEACHER_DEBUG"):
+            raise
+        return _interrupted(args, argv)
     except (ValueError, KeyError, CheckpointError, NonFiniteLossError, ImportError, OSError,
             DatasetError) as e:
         if os.environ.get("SOTEACHER_DEBUG"):

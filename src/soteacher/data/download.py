@@ -16,6 +16,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -177,7 +178,18 @@ def download(name: str, root: str | os.PathLike = "data", url: str | None = None
     expected = (md5 or spec.md5).lower()
     archive = root / spec.filename
     if not (archive.is_file() and md5sum(archive) == expected):
-        _fetch(url or spec.url, archive, expected, progress)
+        source = url or spec.url
+        try:
+            _fetch(source, archive, expected, progress)
+        except urllib.error.URLError as e:
+            # URLError is an OSError whose str() is only "<urlopen error ...>"
+            reason = getattr(e, "reason", e)
+            reason = getattr(reason, "strerror", None) or str(reason)
+            raise DatasetError(
+                f"cannot download {spec.title} from {source}: {reason}. Check the network "
+                f"connection (and a proxy, if you need one), or fetch {spec.filename} another "
+                f"way and put it in {root}/, or pass --url (url= in Python) with a mirror or a "
+                f"file:// path") from None
     if not extract:
         return archive
     safe_extract(archive, root)

@@ -20,7 +20,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; "
-                         f"use --device cpu")
+                         f"use the CPU (device='cpu' in the Python API, --device cpu on the "
+                         f"command line)")
     return dev
 
 

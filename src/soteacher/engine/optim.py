@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -10,6 +11,11 @@ import torch
 from torch import nn
 
 SCHEDULES = ("step", "cosine", "constant")
+
+
+class ScheduleWarning(UserWarning):
+    """A learning-rate schedule that is valid but cannot do what it says (e.g. milestones after
+    the last epoch: the rate never decays)."""
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -18,7 +24,9 @@ class TrainSettings:
     """How one model is trained: SGD with momentum and a per-epoch learning-rate schedule.
 
     Defaults are the paper's CIFAR-100 protocol (240 epochs, lr 0.05 decayed x0.1 at epochs
-    150/180/210, batch 64, momentum 0.9, weight decay 5e-4).
+    150/180/210, batch 64, momentum 0.9, weight decay 5e-4). The milestones do not follow
+    ``epochs``: a shorter run needs its own, and :meth:`validate` warns
+    (:class:`ScheduleWarning`) about milestones at or after the last epoch.
     """
 
     epochs: int = 240
@@ -59,6 +67,25 @@ class TrainSettings:
             raise ValueError(f"unknown amp mode {self.amp!r}; available: {', '.join(AMP_DTYPES)}")
         if self.nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {self.nonfinite!r}")
+        for problem in self.schedule_problems():
+            warnings.warn(problem, ScheduleWarning, stacklevel=2)
+
+    def schedule_problems(self) -> list[str]:
+        """What in a valid schedule cannot take effect: ``step`` milestones at or after the last
+        epoch (milestone m lowers the rate from epoch m + 1 on)."""
+        if self.schedule != "step" or self.gamma == 1:
+            return []
+        late = [m for m in self.milestones if m >= self.epochs]
+        if not late:
+            return []
+        E = self.epochs
+        scaled = sorted({min(E - 1, max(1, round(E * f))) for f in (150 / 240, 180 / 240, 210 / 240)})
+        inside = (f"milestones inside the run (the paper's, scaled to {E} epochs: {scaled}) or "
+                  if E > 1 else "")
+        return [f"milestone(s) {', '.join(map(str, late))} of the {E}-epoch run fall at or after "
+                f"its last epoch, so the learning rate never decays there (milestone m lowers it "
+                f"from epoch m + 1; the defaults 150, 180, 210 are the paper's 240-epoch "
+                f"schedule); give {inside}schedule='cosine' or 'constant'"]
 
 
 def build_optimizer(params: Iterable[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:

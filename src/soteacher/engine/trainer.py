@@ -32,16 +32,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.base import dataset_labels
 from ..objective import Objective
 from . import distributed
 from .evaluate import resolve_device
-from .io import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load
+from .io import (CheckpointError, atomic_torch_save, atomic_write_text, ensure_writable_dir,
+                 safe_torch_load, state_dict_mismatch)
 from .optim import AMP_DTYPES, TrainSettings, build_optimizer, learning_rate
 from .progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"           # folder of TensorBoard event files in a run directory
 CHECKPOINT_FORMAT = "soteacher-checkpoint/1"
 WEIGHTS_FORMAT = "soteacher-model/1"
 
@@ -62,7 +65,39 @@ class Callback(Protocol):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; training stopped before the bad step was applied."""
+    """The loss became NaN or infinite; training stopped at the next log or checkpoint point,
+    before anything from the bad step on was written (the last checkpoint is the last good
+    state)."""
+
+
+class InputShapeError(ValueError):
+    """The model cannot take the data's inputs (their shape does not fit its first layer)."""
+
+
+def expected_input(model: nn.Module) -> str:
+    """What ``model`` expects, read from its first convolution or linear layer (or a stated
+    ``input_shape``); empty when neither says."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return f"inputs of shape {tuple(shape)} per sample"
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            return f"{m.in_features} input features (layer {name!r}: {m})"
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            dims = {nn.Conv1d: "(C, L)", nn.Conv2d: "(C, H, W)", nn.Conv3d: "(C, D, H, W)"}[type(m)]
+            return f"inputs {dims} with C = {m.in_channels} channels (layer {name!r}: {m})"
+    return ""
+
+
+def input_mismatch_message(who: str, model: nn.Module, x: Tensor, error: BaseException) -> str:
+    """One message for a model that cannot read a batch ``x``: what it expects, what it got."""
+    expects = expected_input(model)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{who} ({type(model).__name__}) cannot read the dataset's inputs: each sample has "
+            f"shape {tuple(x.shape[1:])} and dtype {str(x.dtype).replace('torch.', '')} "
+            f"(batches {tuple(x.shape)})"
+            + (f", but it expects {expects}" if expects else "")
+            + f" (torch: {first}); reshape the data or build the model for this input shape")
 
 
 class Trainer:
@@ -106,14 +141,15 @@ class Trainer:
                  model_spec: dict[str, Any] | None = None, num_classes: int | None = None,
                  config: dict[str, Any] | None = None, preprocess: nn.Module | None = None,
                  data_on_device: bool | None = None,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), tensorboard: bool = False) -> None:
         settings.validate()
         if len(train_set) == 0:
             raise ValueError("the training set is empty")
         if settings.batch_size > len(train_set):
             raise ValueError(f"batch_size {settings.batch_size} is larger than the training set "
-                             f"({len(train_set)} samples); lower it with "
-                             f"--set <phase>.train.batch_size=N")
+                             f"({len(train_set)} samples); lower the batch size (batch_size=N "
+                             f"in the Python API, --set <phase>.train.batch_size=N on the "
+                             f"command line)")
         self.world = distributed.world_size()
         self.rank = distributed.rank()
         self.distributed = self.world > 1
@@ -147,7 +183,14 @@ class Trainer:
         self.s = settings
         self.seed = seed
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and distributed.rank() == 0:
+            ensure_writable_dir(self.run_dir, "run_dir", "choose another run_dir")
         self.resume = resume
+        if tensorboard and self.run_dir is None:
+            raise ValueError("tensorboard=True writes into the run directory; give a run_dir")
+        self.tensorboard = tensorboard
+        self._tb = None                # the TensorBoard writer, opened when training starts
+        self._probed = False           # whether a failing first step was checked for a shape problem
         self.evaluate_fn = evaluate
         self.callbacks = list(callbacks)
         self.num_workers = num_workers
@@ -185,7 +228,13 @@ class Trainer:
                 data_on_device = self.device.type == "cuda" and nbytes < 2 * 1024**3
             dev = self.device if data_on_device else torch.device("cpu")
             self._arrays = (train_set.x.to(dev), train_set.y.to(dev))
-            self._check_labels(train_set.y, torch.arange(len(train_set)))   # once, up front
+        # Labels are checked once, up front, where the dataset holds them; otherwise each
+        # batch's, on the CPU before they travel (an out-of-range label would stop a CUDA run
+        # with a device-side assertion).
+        labels = dataset_labels(train_set)
+        self._labels_checked = labels is not None
+        if labels is not None:
+            self._check_labels(labels, torch.arange(len(train_set)))
 
     def _build_init_optimizer(self, plan) -> torch.optim.Optimizer:
         if not (isinstance(plan.lr, (int, float)) and math.isfinite(plan.lr) and plan.lr > 0):
@@ -271,12 +320,17 @@ class Trainer:
                 f"the checkpoint was written by a run with a preliminary stage of {saved_init} "
                 f"epoch(s), this run has {self.init_epochs}; resume with the distiller options "
                 f"of the original run (init_epochs, init_stage)")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.objective.load_state_dict(state["objective"])
-        except RuntimeError as e:
-            raise CheckpointError(f"the checkpoint does not fit this model/objective (was it "
-                                  f"written with another config?): {e}") from None
+        for part, module in (("model", self.model), ("objective", self.objective)):
+            try:
+                module.load_state_dict(state[part])
+            except RuntimeError as e:
+                # torch lists every tensor that differs, one per line; the first few and a
+                # count say enough
+                problem = state_dict_mismatch(module.state_dict(), state[part]) or \
+                    str(e).strip().splitlines()[0]
+                raise CheckpointError(f"the checkpoint does not fit this model/objective (was it "
+                                      f"written with another config?): {part}: "
+                                      f"{problem}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.init_optimizer is not None:
             if state.get("init_optimizer") is None:
@@ -372,6 +426,9 @@ class Trainer:
             return self._fit()
         finally:
             self._release_ddp()
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
 
     def _wrap_ddp(self) -> None:
         if not self.distributed or self.ddp is not None:
@@ -392,8 +449,11 @@ class Trainer:
     def _fit(self) -> list[dict[str, Any]]:
         if self.resume:
             self._load_for_resume()
+            self._say_resumed()
         else:
             torch.manual_seed(self.seed)
+        if self.tensorboard and self.is_main:
+            self._tb = open_tensorboard(self.run_dir / TENSORBOARD, purge_step=self.epoch + 1)
         E = self.s.epochs
         for run_epoch in range(self.epoch + 1, self.total_epochs + 1):
             stage, epoch = self.stage_of(run_epoch)
@@ -416,6 +476,8 @@ class Trainer:
             self.epoch, self.step, self._partial = run_epoch, 0, None
             self.history.append(record)
             self._progress(record["stage"]).epoch_end(record)
+            if self._tb is not None:
+                log_scalars(self._tb, record, run_epoch)
             if self.run_dir is not None:
                 self._write_checkpoint()
             if stop:
@@ -468,20 +530,25 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         steps = self.steps_per_epoch()
-        # Running sums stay on the device (no sync per step) and are saved with mid-epoch
-        # checkpoints so that a resumed epoch logs the same averages. With several processes
-        # the sums are each process's own; checkpoints hold their total, which rank 0 carries on.
+        # No step waits for the host: each writes its loss terms, total loss and number of
+        # correct predictions into a row of a log on the device (_StepLog), which the host reads
+        # only at log and checkpoint points (_fold): there the running sums grow, and a
+        # non-finite loss is found. Mid-epoch checkpoints save the sums so that a resumed epoch
+        # logs the same averages. With several processes the sums are each process's own;
+        # checkpoints hold their total, which rank 0 carries on.
         p = self._partial or {"sums": {}, "correct": 0, "seen": 0, "skipped": 0, "time": 0.0}
         if not self.is_main:
             p = {**p, "sums": {k: 0.0 for k in p["sums"]}, "correct": 0, "seen": 0}
-        sums = {k: torch.tensor(v, device=self.device) for k, v in p["sums"].items()}
-        correct = torch.tensor(p["correct"], device=self.device)
-        seen, skipped = p["seen"], p["skipped"]
+        acc = {"sums": dict(p["sums"]), "correct": p["correct"], "seen": p["seen"],
+               "skipped": p["skipped"]}
+        skip = self.s.nonfinite == "skip"
+        log = _StepLog(steps - self.step, self.device, skip)
+        checkpointed = (self.epoch, self.step)       # where the last checkpoint stands
         t0 = time.perf_counter() - p["time"]
         for step, (x, y, idx) in enumerate(self._batches(run_epoch, self.step),
                                             start=self.step + 1):
-            if self._arrays is None:
-                self._check_labels(y, idx)     # CPU tensors from the loader: no sync
+            if not self._labels_checked:
+                self._check_labels(y, idx)     # CPU tensors from the loader: no device sync
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             idx = idx.to(self.device, non_blocking=True)
@@ -495,45 +562,74 @@ class Trainer:
             sizes = self._slice_sizes(step) if self.distributed else None
             with distributed.step_layout(sizes), torch.autocast(
                     self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.objective(self.forward_model, x, y, idx)
-                loss = sum(out.losses.values())
+                try:
+                    out = self.objective(self.forward_model, x, y, idx)
+                except RuntimeError as e:
+                    self._explain_input_mismatch(x, e)
+                    raise
+                loss = _total(out.losses)
             optimizer.zero_grad(set_to_none=True)
-            # Every process takes the same branch: one non-finite slice skips the global step.
-            if not distributed.all_true(torch.isfinite(loss), self.device):
-                if self.s.nonfinite == "error":
-                    self._raise_non_finite(epoch, step, out.losses, stage)
-                skipped += 1
-            else:
-                if sizes is not None and sizes[self.rank] * self.world != sum(sizes):
-                    # DDP averages over processes: weight each slice's mean by its share of
-                    # the global batch so that the average is the global mean.
-                    loss = loss * (sizes[self.rank] * self.world / sum(sizes))
-                self.scaler.scale(loss).backward()
-                if self.distributed:
-                    self._average_extra_grads()
-                self.scaler.step(optimizer)
-                self.scaler.update()
-                for k, v in out.losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() * len(y)
-                correct += (out.logits.detach().argmax(1) == y).sum()
-                seen += len(y)
+            if log.must_fold(out.losses):           # terms changed within the epoch: rare
+                self._fold(log, acc, epoch, stage, checkpointed)
+            # ok: whether the step applies (skip mode; the same on every process), else None
+            ok = log.record(step, len(y), out.losses, loss, out.logits, y)
+            if sizes is not None and sizes[self.rank] * self.world != sum(sizes):
+                # DDP averages over processes: weight each slice's mean by its share of
+                # the global batch so that the average is the global mean.
+                loss = loss * (sizes[self.rank] * self.world / sum(sizes))
+            # A non-finite step still runs: "skip" takes its update back on the device, "error"
+            # stops at the next log or checkpoint point, before anything is written.
+            undo = _UndoStep(optimizer) if skip else None
+            self.scaler.scale(loss).backward()
+            if self.distributed:
+                self._average_extra_grads()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            if undo is not None:
+                undo.unless(ok)
             self.step = step
             progress.step(epoch, step, steps)
             if (self.run_dir is not None and self.s.checkpoint_every
                     and step % self.s.checkpoint_every == 0 and step < steps):
-                tot_sums, tot_correct, tot_seen = self._totals(sums, correct, seen)
+                self._fold(log, acc, epoch, stage, checkpointed)
+                tot_sums, tot_correct, tot_seen = self._totals(acc["sums"], acc["correct"],
+                                                               acc["seen"])
                 self._partial = {"sums": tot_sums, "correct": tot_correct, "seen": tot_seen,
-                                 "skipped": skipped, "time": time.perf_counter() - t0}
+                                 "skipped": acc["skipped"], "time": time.perf_counter() - t0}
                 self._write_checkpoint()
-        tot_sums, tot_correct, seen = self._totals(sums, correct, seen)
+                checkpointed = (self.epoch, step)
+        self._fold(log, acc, epoch, stage, checkpointed)
+        tot_sums, tot_correct, seen = self._totals(acc["sums"], acc["correct"], acc["seen"])
         terms = {k: v / max(seen, 1) for k, v in tot_sums.items()}
         record = {"epoch": epoch, "stage": stage, "lr": lr, "loss": sum(terms.values()),
                   **{f"loss_{k}": v for k, v in terms.items()},
                   "train_acc": tot_correct / max(seen, 1),
                   "epoch_time": time.perf_counter() - t0}
-        if self.s.nonfinite == "skip":
-            record["skipped_steps"] = skipped
+        if skip:
+            record["skipped_steps"] = acc["skipped"]
         return record
+
+    def _fold(self, log: "_StepLog", acc: dict[str, Any], epoch: int, stage: str,
+              checkpointed: tuple[int, int]) -> None:
+        """Read the step log (one host read) into the running sums ``acc`` of this process,
+        leaving out steps that did not apply, and empty it; with ``nonfinite="error"`` raise
+        :class:`NonFiniteLossError` for the first step whose loss was not finite on any
+        process (nothing of it or after it has been written)."""
+        rows = log.read(self.distributed)
+        first_bad = None
+        for (step, size), (terms, total, correct, ok) in rows:
+            if ok:
+                for k, v in terms.items():
+                    acc["sums"][k] = acc["sums"].get(k, 0.0) + v * size
+                acc["correct"] += int(round(correct))
+                acc["seen"] += size
+            else:
+                acc["skipped"] += 1
+                if first_bad is None:
+                    first_bad = (step, terms, total)
+        if first_bad is not None and self.s.nonfinite == "error":
+            step, terms, total = first_bad
+            self._raise_non_finite(epoch, step, terms, stage, checkpointed, total)
 
     def _augment(self, x: Tensor, epoch: int, step: int) -> Tensor:
         if not self.distributed:
@@ -547,27 +643,24 @@ class Trainer:
 
     def _average_extra_grads(self) -> None:
         """Average the gradients of the objective's own parameters over processes (DDP does
-        the model's)."""
+        the model's): one all-reduce of them all, packed."""
         grads = [p.grad for p in self._extra_params if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         distributed.all_reduce_sum(flat)
         flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in
+                                     zip(flat.split([g.numel() for g in grads]), grads)])
 
-    def _totals(self, sums: dict[str, Tensor], correct: Tensor,
+    def _totals(self, sums: dict[str, float], correct: int,
                 seen: int) -> tuple[dict[str, float], int, int]:
-        """The running sums as plain numbers, summed over processes."""
+        """The running sums (plain numbers), summed over processes."""
         if not self.distributed:
-            return {k: float(v) for k, v in sums.items()}, int(correct), seen
+            return dict(sums), int(correct), seen
         keys = sorted(sums)
-        packed = torch.stack([sums[k].double() for k in keys]
-                             + [correct.double(), torch.tensor(float(seen), dtype=torch.float64,
-                                                               device=correct.device)])
+        packed = torch.tensor([float(sums[k]) for k in keys] + [float(correct), float(seen)],
+                              dtype=torch.float64, device=self.device)
         distributed.all_reduce_sum(packed)
         vals = packed.tolist()
         return dict(zip(keys, vals[:-2])), int(round(vals[-2])), int(round(vals[-1]))
@@ -582,16 +675,57 @@ class Trainer:
                              f"[0, {self.num_classes}); labels must be class indices "
                              f"0..{self.num_classes - 1}")
 
-    def _raise_non_finite(self, epoch: int, step: int, losses: dict[str, Tensor],
-                          stage: str = "main") -> None:
-        bad = [f"{k}={float(v.detach())}" for k, v in losses.items() if not torch.isfinite(v)]
-        where = (f"the last good checkpoint (epoch {self.epoch}, step {self.step}) is "
+    def _explain_input_mismatch(self, x: Tensor, error: RuntimeError) -> None:
+        """After a step failed: if the model (or the objective's teacher) cannot take the batch
+        at all, raise an ``InputShapeError`` saying what it expects and what the data gives."""
+        if self._probed:
+            return
+        self._probed = True
+        models = [("the model", self.model)]
+        teacher = getattr(self.objective, "teacher", None)
+        if isinstance(teacher, nn.Module):
+            models.append(("the teacher", teacher))
+        for who, model in models:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    model(x[:2])
+            except RuntimeError as e:
+                raise InputShapeError(input_mismatch_message(who, model, x, e)) from error
+            finally:
+                model.train(was_training)
+
+    def _say_resumed(self) -> None:
+        if not self.progress.enabled:
+            return
+        where = self.run_dir / CHECKPOINT
+        if self.epoch >= self.total_epochs:
+            msg = (f"{self.name}: the run in {self.run_dir} had finished (epoch {self.epoch} of "
+                   f"{self.total_epochs}); its weights are kept")
+        else:
+            stage, epoch = self.stage_of(self.epoch + 1)
+            in_stage = "" if self.plan is None else f" of the {stage} stage"
+            total = self.init_epochs if stage == "init" else self.s.epochs
+            msg = (f"{self.name}: resuming from epoch {epoch - 1}, step {self.step}{in_stage} "
+                   f"({epoch - 1} of {total} epochs done, and {self.step} steps of epoch "
+                   f"{epoch}; {where})")
+        self.progress.stream.write(msg + "\n")
+        self.progress.stream.flush()
+
+    def _raise_non_finite(self, epoch: int, step: int, terms: dict[str, float],
+                          stage: str, checkpointed: tuple[int, int], total: float) -> None:
+        bad = [f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)]
+        if not bad:
+            bad = [f"total={total}" if not math.isfinite(total) else "on another process"]
+        ck_epoch, ck_step = checkpointed
+        where = (f"the last good checkpoint (epoch {ck_epoch}, step {ck_step}) is "
                  f"{self.run_dir / CHECKPOINT}"
-                 if self.run_dir is not None and (self.epoch or self.step)
+                 if self.run_dir is not None and (ck_epoch or ck_step)
                  else "no checkpoint was written yet")
         raise NonFiniteLossError(
             f"non-finite loss at {'' if stage == 'main' else stage + '-stage '}epoch {epoch}, "
-            f"step {step}: {', '.join(bad) or 'total'}; "
+            f"step {step}: {', '.join(bad)}; "
             f"{where}. Lower the learning rate or the loss weights, check the data for NaNs, "
             f"or set train.nonfinite=skip to drop such steps.")
 
@@ -624,6 +758,139 @@ class Trainer:
     def save_weights(self, path: str | Path) -> None:
         if self.is_main:
             save_weights(self.model, path, self.model_spec)
+
+
+def _total(losses: dict[str, Tensor]) -> Tensor:
+    """The sum of the loss terms (``sum()`` would first add them to a 0: one more kernel)."""
+    if not losses:
+        raise ValueError("the objective returned no loss terms")
+    terms = iter(losses.values())
+    total = next(terms)
+    for t in terms:
+        total = total + t
+    return total
+
+
+class _StepLog:
+    """One epoch's per-step numbers, kept on the device: row ``i`` holds step ``i``'s loss terms,
+    total loss, number of correct predictions and (``skip`` mode) whether the step applied,
+    written by one ``torch.stack(..., out=row)``. The host reads them in :meth:`read`, at log
+    and checkpoint points only; it knows each step's number and batch size itself."""
+
+    def __init__(self, capacity: int, device: torch.device, skip: bool) -> None:
+        self.capacity, self.device, self.skip = max(capacity, 1), device, skip
+        self.keys: tuple[str, ...] | None = None
+        self.rows: Tensor | None = None
+        self.steps: list[tuple[int, int]] = []      # (step, batch size) of each row
+
+    def must_fold(self, losses: dict[str, Tensor]) -> bool:
+        """Whether the log has to be read before it can take a step with these terms."""
+        return bool(self.steps) and (tuple(losses) != self.keys
+                                     or len(self.steps) == self.capacity)
+
+    def record(self, step: int, size: int, losses: dict[str, Tensor], loss: Tensor,
+               logits: Tensor, y: Tensor) -> Tensor | None:
+        """Write the step's row; in ``skip`` mode return its flag (a bool tensor, the same on
+        every process: whether the total loss was finite everywhere)."""
+        if self.rows is None or tuple(losses) != self.keys:
+            for k, v in losses.items():
+                if v.numel() != 1:
+                    raise ValueError(f"loss term {k!r} has shape {tuple(v.shape)}; every term "
+                                     f"an objective returns must be a scalar")
+            self.keys = tuple(losses)
+            self.rows = torch.empty(self.capacity, len(self.keys) + 3, device=self.device)
+        items = [v.detach().reshape(()) for v in losses.values()]
+        items += [loss.detach().reshape(()), (logits.detach().argmax(1) == y).sum()]
+        ok = None
+        if self.skip:
+            # one slice's non-finite loss skips the global step on every process
+            ok = distributed.all_true_on_device(torch.isfinite(items[-2]))
+            items.append(ok)
+        torch.stack(items, out=self.rows[len(self.steps), :len(items)])
+        self.steps.append((step, size))
+        return ok
+
+    def read(self, distributed_run: bool) -> list[tuple[tuple[int, int],
+                                                      tuple[dict[str, float], float, float,
+                                                            bool]]]:
+        """Every row as ``((step, size), (terms, total, correct, applied))``, and empty the log.
+        Outside ``skip`` mode a step applied if its total loss was finite on every process."""
+        n = len(self.steps)
+        if n == 0:
+            return []
+        rows = self.rows[:n]
+        k = len(self.keys)
+        if self.skip:
+            ok = rows[:, k + 2]
+        else:
+            ok = torch.isfinite(rows[:, k]).to(rows.dtype)
+            if distributed_run:
+                ok = distributed.all_reduce_min(ok)
+        host = torch.cat([rows[:, :k + 2], ok[:, None]], dim=1).tolist()
+        steps, self.steps = self.steps, []
+        return [(at, (dict(zip(self.keys, r[:k])), r[k], r[k + 1], r[k + 2] > 0))
+                for at, r in zip(steps, host)]
+
+
+def _memory_order(t: Tensor) -> Tensor | None:
+    """A 1-D view of ``t``'s elements in memory order (contiguous or channels-last layouts),
+    or None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    v = t.permute(order)
+    return v.view(-1) if v.is_contiguous() else None
+
+
+class _UndoStep:
+    """Takes an optimiser step back on the device where a flag is false, with no host read:
+    the parameters and the SGD momentum buffers are copied (one ``cat`` each) before the step
+    and put back with one ``torch.where`` and one ``_foreach_copy_`` after it. A momentum
+    buffer the step created is put back to zeros, which the next step treats exactly as a
+    missing one (SGD without dampening). Update: :meth:`unless`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.saved_params = self._save(self.params)
+        self.buf_params = [p for p in self.params
+                           if optimizer.state.get(p, {}).get("momentum_buffer") is not None]
+        self.saved_bufs = self._save([self._buf(p) for p in self.buf_params])
+
+    def _buf(self, p: Tensor) -> Tensor | None:
+        return self.optimizer.state.get(p, {}).get("momentum_buffer")
+
+    @staticmethod
+    def _save(tensors: list[Tensor]) -> Tensor | None:
+        views = [_memory_order(t) for t in tensors]
+        if not tensors:
+            return None
+        return torch.cat([v if v is not None else t.reshape(-1) for v, t in zip(views, tensors)])
+
+    @staticmethod
+    def _restore(tensors: list[Tensor], saved: Tensor | None, ok: Tensor) -> None:
+        if not tensors:
+            return
+        views = [_memory_order(t) for t in tensors]
+        now = torch.cat([v if v is not None else t.reshape(-1) for v, t in zip(views, tensors)])
+        keep = torch.where(ok, now, saved if saved is not None else torch.zeros_like(now))
+        parts = keep.split([t.numel() for t in tensors])
+        flat = [(v, part) for v, part in zip(views, parts) if v is not None]
+        if flat:
+            torch._foreach_copy_([v for v, _ in flat], [part for _, part in flat])
+        for v, t, part in zip(views, tensors, parts):
+            if v is None:           # an unusual layout: copied back on its own
+                t.copy_(part.view(t.shape))
+
+    @torch.no_grad()
+    def unless(self, ok: Tensor) -> None:
+        """Keep the step where ``ok`` (a bool tensor) is true, else restore the state before it."""
+        self._restore(self.params, self.saved_params, ok)
+        self._restore([self._buf(p) for p in self.buf_params], self.saved_bufs, ok)
+        had = {id(p) for p in self.buf_params}
+        created = [b for b in (self._buf(p) for p in self.params if id(p) not in had)
+                   if b is not None]
+        self._restore(created, None, ok)
 
 
 def save_weights(model: nn.Module, path: str | Path, spec: dict[str, Any] | None = None) -> None:
@@ -660,3 +927,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _version() -> str:
     from .. import __version__
     return __version__
+
+
+def open_tensorboard(folder: Path, purge_step: int | None = None):
+    """A TensorBoard ``SummaryWriter`` into ``folder``; ``purge_step`` hides the events that a
+    resumed run writes again (those of epochs after its checkpoint)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("TensorBoard logging needs the tensorboard package: pip install "
+                          "'soteacher[tensorboard]' (or set logging.tensorboard=false)") from None
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+
+def log_scalars(writer, record: dict[str, Any], step: int) -> None:
+    """Every number of one ``metrics.jsonl`` record as a TensorBoard scalar at ``step`` (the
+    epoch of the whole run); tags group them: ``loss/ce``, ``train/acc``, ``test/acc``, ..."""
+    stage = record.get("stage", "main")
+    for key, value in record.items():
+        if key in ("epoch", "stage") or isinstance(value, bool) or not isinstance(
+                value, (int, float)):
+            continue
+        tag = scalar_tag(key)
+        writer.add_scalar(tag if stage == "main" else f"{stage}/{tag}", value, step)
+    writer.flush()
+
+
+def scalar_tag(key: str) -> str:
+    """``loss_ce`` -> ``loss/ce``, ``test_acc`` -> ``test/acc``, ``loss`` -> ``loss/total``."""
+    if key == "loss":
+        return "loss/total"
+    for prefix in ("loss_", "train_", "test_", "val_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix):]}"
+    return f"train/{key}"
+
