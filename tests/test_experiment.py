@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from soteacher.cli.main import main
-from soteacher.config import ConfigError, ExperimentConfig, apply_overrides
+from soteacher.config import (ConfigError, ExperimentConfig, apply_overrides,
+                              load_experiment_config)
 from soteacher.experiment import (format_summary, mean_std, paired_differences, student_cells,
                                   teacher_variants, validate_experiment)
 from soteacher.experiment.grid import format_value, model_pairs
@@ -79,6 +80,11 @@ def test_tiny_grid_end_to_end_then_restart_trains_nothing(tmp_path, capsys, monk
     assert plots == ["reliability", "student_acc", "teacher_vs_student", "truth_distance"]
     weights = sorted(out.rglob("model.pt"))
     assert len(weights) == 8
+    status = json.loads((out / "known_truth" / "status.json").read_text())
+    assert (status["state"], status["backend"], status["counts"]["finished"]) == \
+        ("finished", "local", 8)
+    assert [r["state"] for r in status["runs"]] == ["finished"] * 8
+    assert not list(out.rglob(".lock"))
     stamps = {p: p.stat().st_mtime_ns for p in weights}
 
     # a second run finds everything finished: nothing trains, nothing is rewritten
@@ -111,6 +117,18 @@ def test_unfinished_student_is_retrained_and_the_report_remade(tmp_path, monkeyp
     assert calls == [student]                   # only the student, resumed from its checkpoint
     assert (student / "summary.json").is_file()
     assert main(["experiment", "--report-only", "--out", str(out), "--no-plots"]) == 0
+    status = json.loads((out / "known_truth" / "status.json").read_text())
+    assert (status["counts"]["finished"], status["counts"]["before"]) == (2, 1)
+
+    # a student begun from another instance of its teacher starts over, not from its checkpoint
+    (student / "summary.json").unlink()
+    origin = json.loads((student / "teacher.json").read_text())
+    (student / "teacher.json").write_text(json.dumps({**origin, "teacher_run": "earlier"}))
+    resumed = []
+    monkeypatch.setattr(Trainer, "fit", lambda self: resumed.append(self.resume) or fit(self))
+    assert main(["experiment", str(cfg), "--out", str(out), "--quiet", "--no-plots"]) == 0
+    assert resumed == [False]
+    assert json.loads((student / "teacher.json").read_text()) == origin
 
 
 def test_grid_expansion_sweep_names_and_errors():
@@ -225,3 +243,147 @@ def test_results_csv_round_trip_and_partial_rerun_merge(tmp_path):
     fitnet = [r for r in merged if r["distiller"] == "fitnet"]
     assert len(merged) == 3 and len(fitnet) == 1 and fitnet[0]["student_test_acc"] == 0.7
     assert [r["kind"] for r in merged] == ["teacher", "student", "student"]
+
+
+# ---- backends, locks and progress, without Ray ----------------------------------------------------
+def test_execution_keys_are_checked_before_anything_runs():
+    from soteacher.experiment.grid import run_resources
+    spec = apply_overrides(ExperimentConfig(), ["experiment.resources={gpus: 0.25}"]).experiment
+    assert run_resources(spec) == {"cpus": 1.0, "gpus": 0.25}
+    bad = [
+        ("experiment.backend=slurm", "unknown experiment.backend 'slurm'; available: local, ray"),
+        ("experiment.resources={cpu: 1}", "unknown key 'cpu' in experiment.resources"),
+        ("experiment.resources={gpus: -1}", "must be a number >= 0"),
+        ("experiment.resources={cpus: 1.5}", "a fraction below 1 or a whole number"),
+        ("experiment.retries=-1", "experiment.retries must be a whole number >= 0"),
+        ("experiment.address=head:6379", "add --backend ray"),
+    ]
+    for override, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            validate_experiment(apply_overrides(ExperimentConfig(), [override]))
+    cuda = apply_overrides(ExperimentConfig(), ["experiment.backend=ray", "device=cuda"])
+    with pytest.raises(ConfigError, match="experiment.resources.gpus=1"):
+        run_resources(cuda.experiment, cuda.device)
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)       # import ray fails
+    code = main(["experiment", str(_config(tmp_path)), "--out", str(tmp_path / "out"),
+                 "--backend", "ray", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err == ("soteacher experiment: error: --backend ray needs Ray: pip install "
+                   "'soteacher[ray]' (or run the grid with --backend local)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_instance_and_slots_without_starting_ray():
+    from soteacher.experiment.ray_backend import _init, slots
+
+    class FakeRay:
+        def __init__(self, up=False):
+            self.up, self.calls = up, []
+
+        def is_initialized(self):
+            return self.up
+
+        def init(self, **kwargs):
+            self.calls.append(kwargs)
+
+    local, cluster, connected = FakeRay(), FakeRay(), FakeRay(up=True)
+    assert _init(local, None) and local.calls[0]["address"] == "local"   # a new local instance
+    assert _init(cluster, "head:6379") and cluster.calls[0]["address"] == "head:6379"
+    assert not _init(connected, "head:6379") and connected.calls == []   # the caller's Ray
+    # 8 GPUs, 32 CPUs: one run per GPU -> 8 at once; a quarter GPU each -> 32, CPU-bound
+    machine = {"CPU": 32.0, "GPU": 8.0}
+    assert slots(machine, {"cpus": 1, "gpus": 1}, 100) == 8
+    assert slots(machine, {"cpus": 1, "gpus": 0.25}, 100) == 32
+    assert slots(machine, {"cpus": 2, "gpus": 0.25}, 100) == 16
+    assert slots(machine, {"cpus": 1, "gpus": 0}, 10) == 10
+    assert slots({"CPU": 2.0}, {"cpus": 1, "gpus": 1}, 10) == 0
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import os
+    import subprocess
+    from soteacher.experiment.lock import RunLock, RunLockedError
+    path = tmp_path / "run" / ".lock"
+    with RunLock(path, owner="task-a"):
+        assert json.loads(path.read_text())["owner"] == "task-a"
+        with pytest.raises(RunLockedError, match=f"being trained by process {os.getpid()}"):
+            RunLock(path, owner="task-b").acquire()
+        again = RunLock(path, owner="task-a")       # a later attempt of the same task
+        again.acquire()
+        again.release()
+    assert not path.exists()
+    # a holder that died: on this host, a process that is gone; elsewhere, a lock not touched
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for holder, age in [({"host": __import__("socket").gethostname(), "pid": gone.pid}, 0),
+                        ({"host": "another-machine", "pid": 1}, 1000)]:
+        path.write_text(json.dumps({**holder, "owner": "x"}))
+        os.utime(path, (path.stat().st_mtime - age,) * 2)
+        with RunLock(path, owner="task-c"):
+            assert json.loads(path.read_text())["owner"] == "task-c"
+    path.write_text(json.dumps({"host": "another-machine", "pid": 1, "owner": "x"}))
+    with pytest.raises(RunLockedError, match="another-machine"):
+        RunLock(path).acquire()                     # touched just now: alive
+
+
+def test_progress_counts_estimate_and_status_file(tmp_path):
+    from soteacher.experiment import GridFailed, plan_grid
+    from soteacher.experiment.progress import GridProgress, estimate_left, format_duration
+    # 3 teachers and 4 students waiting, a teacher 10 s into its mean of 30 s, a student
+    # past its mean of 6 s; two slots: (3*30 + 4*6 + 20 + 0) / 2
+    assert estimate_left({"teacher": 3, "student": 4}, {"teacher": [10.0], "student": [9.0]},
+                         {"teacher": 30.0, "student": 6.0}, 2) == pytest.approx(67.0)
+    assert estimate_left({"student": 2}, {}, {"teacher": 30.0}, 1) == 60.0   # borrowed mean
+    assert estimate_left({"teacher": 1}, {}, {}, 1) is None
+    assert [format_duration(s) for s in (0.42, 45, 192, 7500, None)] == \
+        ["0.4s", "45s", "3m12s", "2h05m", "?"]
+
+    cfg = load_experiment_config(_config(tmp_path))
+    root, runs = plan_grid(cfg, tmp_path / "out")
+    assert [r.kind for r in runs] == ["teacher", "student"] * 4
+    assert runs[1].teacher_dir == runs[0].run_dir
+    now = [0.0]
+    lines = []
+    p = GridProgress(runs, root, tmp_path / "out", "ray", lines.append, slots=2,
+                     clock=lambda: now[0])
+    p.before(runs[0])
+    p.start(runs[2], host="h1", node="n1")
+    now[0] = 30.0
+    p.finish(runs[2], {"state": "new", "seconds": 30.0})
+    p.start(runs[4], host="h2", node="n2")
+    now[0] = 40.0
+    p.fail(runs[4], RuntimeError("out of memory\ntraceback..."))
+    p.unrun(runs[5], "its teacher failed")
+    assert p.counts() == {"total": 8, "finished": 2, "before": 1, "running": 0, "waiting": 4,
+                          "failed": 1, "unrun": 1}
+    # 5 waiting when it failed: one teacher (30 s) and four students (no mean yet: 30 s) / 2
+    assert lines[-1] == ("[2/8 finished, 0 running, 5 waiting, 1 failed; 40s, about 1m15s left] "
+                         "cnn1d-cnn1d_small seed 1: teacher standard: FAILED: RuntimeError: out "
+                         "of memory")
+    status = json.loads((root / "status.json").read_text())
+    assert status["state"] == "running" and status["eta_s"] == 60.0   # its student now unrun
+    assert status["runs"][4]["error"] == "RuntimeError: out of memory"
+    assert status["runs"][4]["node"] == "n2"
+
+    e = GridFailed([("t", "RuntimeError: x; after 3 attempt(s)")], ["s1", "s2"], {"finished": 5})
+    assert str(e) == ("1 run(s) of the grid failed: t (RuntimeError: x; after 3 attempt(s)). "
+                      "left unrun because their teacher failed: s1; s2. the other 5 runs "
+                      "finished; fix the cause and start the same command again (finished runs "
+                      "are kept, interrupted ones resume)")
+
+
+def test_ray_extra_is_pinned_and_installed_by_dev():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in Python 3.11+")
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert [d.split(">=")[0] for d in extras["ray"]] == ["ray"]
+    assert any("ray" in d for d in extras["dev"] if d.startswith("soteacher["))
+    pins = [line for line in (root / "constraints.txt").read_text().splitlines()
+            if line.startswith("ray==")]
+    assert len(pins) == 1

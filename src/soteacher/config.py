@@ -109,6 +109,13 @@ class ExperimentSpec:
     must take every swept option. ``baseline``: the
     teacher variant the others are compared with, seed by seed. ``name``: the data's label in
     the results (default: ``data.name``).
+
+    How the runs are executed (not stored with the runs, so a grid may be continued on another
+    backend): ``backend``: ``local`` (one run after another in this process, the default) or
+    ``ray`` (every run a Ray task; see ``soteacher.experiment.ray_backend``). ``address``: the
+    Ray cluster to join (default: a local Ray instance sized to the machine). ``resources``:
+    what one run asks Ray for, ``{cpus: 1, gpus: 0}`` (fractions allowed, e.g. ``gpus: 0.25``).
+    ``retries``: how often Ray starts a failed run again (it resumes from its checkpoint).
     """
 
     teachers: list[Any] = field(default_factory=lambda: ["standard", "soteacher"])
@@ -119,6 +126,10 @@ class ExperimentSpec:
     sweep_teachers: list[str] = field(default_factory=lambda: ["soteacher"])
     baseline: str = "standard"
     name: str = ""
+    backend: str = "local"
+    address: str | None = None
+    resources: dict[str, Any] = field(default_factory=lambda: {"cpus": 1, "gpus": 0})
+    retries: int = 2
 
 
 @dataclass

@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--no-plots", action="store_true", help="skip the figures")
     x.add_argument("--plots", type=Path, default=None,
                    help="folder for the figures (default: OUT/plots)")
+    x.add_argument("--backend", choices=["local", "ray"], default=None,
+                   help="local: one run after another here (default); ray: every run a Ray "
+                        "task, as many at once as the machine or cluster has room for "
+                        "(experiment.resources per run; pip install 'soteacher[ray]')")
+    x.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --backend ray: the Ray cluster to use, e.g. HEAD:6379 (default: "
+                        "a local Ray instance sized to this machine)")
 
     ls = sub.add_parser("list", help="list registered names, one per line")
     ls.add_argument("what", choices=["distillers", "models", "datasets", "teachers"])
@@ -247,9 +254,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_experiment(args) -> int:
     from ..config import ConfigError, apply_overrides, load_experiment_config
-    from ..experiment import run_experiment, write_report
+    from ..experiment import GridFailed, run_experiment, write_report
     from ..engine.distributed import is_main, run_on_main
     baseline = "standard"
+    failed: GridFailed | None = None
     if args.config is not None:
         notes: list[str] = []
         cfg = load_experiment_config(args.config, args.overrides, notes=notes)
@@ -257,6 +265,10 @@ def cmd_experiment(args) -> int:
             cfg = apply_overrides(cfg, [f"device={args.device}"])
         if args.threads is not None:
             cfg = apply_overrides(cfg, [f"threads={args.threads}"])
+        if args.backend is not None:
+            cfg = apply_overrides(cfg, [f"experiment.backend={args.backend}"])
+        if args.address is not None:
+            cfg = apply_overrides(cfg, [f"experiment.address={args.address}"])
         if is_main():
             for n in notes:
                 _note(n)
@@ -264,7 +276,10 @@ def cmd_experiment(args) -> int:
         if not args.report_only:
             _apply_threads(cfg.threads)
             log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-            run_experiment(cfg, args.out, progress=not args.quiet, log=log)
+            try:
+                run_experiment(cfg, args.out, progress=not args.quiet, log=log)
+            except GridFailed as e:     # report what finished, then the error
+                failed = e
     elif not args.report_only:
         raise ConfigError("soteacher experiment needs a CONFIG (or --report-only)")
 
@@ -279,6 +294,9 @@ def cmd_experiment(args) -> int:
                                         f"{rep['plots'][0].parent}" if rep["plots"] else ""))
 
     run_on_main(report)
+    if failed is not None:
+        print(f"soteacher experiment: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,13 +1,21 @@
-"""Experiments that compare teacher-training methods: a grid of teacher methods (and swept
-variants) x distillers x seeds x teacher/student pairs (:mod:`.grid`), its results table and
-summary (:mod:`.report`) and figures (:mod:`.plots`, needs matplotlib)."""
+"""Experiments that compare teacher-training methods, as separate steps:
 
-from .grid import (Pair, RunEntry, Variant, distiller_entries, model_pairs, run_experiment,
+* :mod:`.grid`: plan the grid of teacher methods (and swept variants) x distillers x seeds x
+  pairs and list its runs;
+* :mod:`.runs`: execute one run in its directory (:mod:`.layout`; locked, :mod:`.lock`);
+* :mod:`.schedule`: put the runs on a backend, one after another here or as Ray tasks
+  (:mod:`.ray_backend`, needs ``pip install 'soteacher[ray]'``), with progress
+  (:mod:`.progress`);
+* :mod:`.report`: the results table and summary, and :mod:`.plots`: figures (needs matplotlib).
+"""
+
+from .grid import (Pair, Run, RunEntry, Variant, distiller_entries, model_pairs, plan_grid,
                    teacher_variants, validate_experiment)
 from .report import (collect_rows, format_summary, mean_std, paired_differences, student_cells,
                      teacher_cells, write_report, write_results_csv)
+from .schedule import GridFailed, run_experiment
 
-__all__ = ["Pair", "RunEntry", "Variant", "collect_rows", "distiller_entries", "format_summary",
-           "mean_std", "model_pairs", "paired_differences", "run_experiment", "student_cells",
-           "teacher_cells", "teacher_variants", "validate_experiment", "write_report",
-           "write_results_csv"]
+__all__ = ["GridFailed", "Pair", "Run", "RunEntry", "Variant", "collect_rows",
+           "distiller_entries", "format_summary", "mean_std", "model_pairs", "paired_differences",
+           "plan_grid", "run_experiment", "student_cells", "teacher_cells", "teacher_variants",
+           "validate_experiment", "write_report", "write_results_csv"]

@@ -1,26 +1,12 @@
 """The experiment grid: teacher methods (and their swept variants) x distillers x seeds x pairs.
 
-Layout of an experiment directory ``OUT``::
+This module *plans*: it expands the ``experiment:`` section into named variants, checks the whole
+grid before anything trains, and lists its runs (:func:`plan_grid`), each with its directory
+(see :mod:`.layout`), config and the teacher it depends on. Executing one run is :mod:`.runs`;
+putting the runs on a backend (one after another here, or Ray tasks) is :mod:`.schedule`; the
+results table and summary are :mod:`.report`.
 
-    OUT/<data>/experiment.yaml                                   the resolved experiment config
-    OUT/<data>/<pair>/seed<s>/teachers/<variant>/                 one teacher run
-    OUT/<data>/<pair>/seed<s>/students/<variant>/<distiller>/     one student of that teacher
-
-``<data>`` is ``experiment.name`` (default: ``data.name``); directory names are the variant and
-distiller names with characters other than letters, digits and ``._=+-`` replaced by ``_``.
-Every run directory is a normal run (``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``,
-``model.pt``) plus ``summary.json``, written last: a run with one is finished and is skipped when
-the experiment is started again; a run without one resumes from its checkpoint. A run whose
-``config.yaml`` differs from the one the grid asks for is an error (delete it or choose another
-``--out``), never silently reused. Each teacher is trained once per (pair, seed) and reused for
-every distiller; a student's ``summary.json`` names its teacher's directory.
-
-Under torchrun (``torchrun --nproc_per_node N -m soteacher experiment ...``) every process walks
-the same grid in the same order and each run is trained distributed by the trainer. Rank 0
-alone reads the run directories to decide what to do (new, resume, skip), creates directories
-and writes every file; its decisions and the teacher run ids are broadcast, so all processes take
-the same branches, and an error it raises is raised on every process
-(:func:`~soteacher.engine.distributed.run_on_main`).
+Each teacher is trained once per (pair, seed) and reused for every distiller of the grid.
 """
 
 from __future__ import annotations
@@ -28,26 +14,23 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
-import shutil
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-import yaml
+from typing import Any
 
 from ..config import (Config, ConfigError, DistillSpec, ExperimentConfig, ExperimentSpec,
-                      ModelSpec, config_to_dict, parse_yaml, validate)
-from ..engine.distributed import is_main, run_on_main
-from ..engine.io import atomic_write_json, atomic_write_text
-from ..engine.trainer import CHECKPOINT
-from .report import RUN_FORMAT
+                      ModelSpec, validate)
+from .layout import RUN_FORMAT, slug
 
-__all__ = ["Pair", "RunEntry", "Variant", "distiller_entries", "format_value", "model_pairs",
-           "run_experiment", "slug", "teacher_variants", "validate_experiment"]
+__all__ = ["BACKENDS", "Pair", "Run", "RunEntry", "Variant", "distiller_entries", "format_value",
+           "model_pairs", "plan_grid", "run_resources", "slug", "teacher_variants",
+           "validate_experiment"]
+
+#: The ways to execute a grid (``experiment.backend``, ``--backend``).
+BACKENDS = ("local", "ray")
+RESOURCE_KEYS = ("cpus", "gpus")
 
 
 @dataclass(frozen=True)
@@ -85,14 +68,6 @@ def format_value(v: Any) -> str:
     if isinstance(v, (list, tuple, dict)):
         return json.dumps(v, separators=(",", ":"))
     return str(v)
-
-
-def slug(name: str) -> str:
-    """A directory name for ``name``."""
-    s = re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("_")
-    if not s or s in (".", ".."):
-        raise ConfigError(f"{name!r} does not make a usable directory name; choose another name")
-    return s
 
 
 def _entry(item: Any, key: str, kind: str,
@@ -242,6 +217,7 @@ def validate_experiment(cfg: ExperimentConfig) -> tuple[list[Variant], list[RunE
     spec = cfg.experiment
     base = cfg.base()
     validate(base)
+    run_resources(spec, base.device)
     if not spec.seeds:
         raise ConfigError("experiment.seeds is empty; list at least one seed, e.g. [0, 1, 2]")
     if len(set(spec.seeds)) != len(spec.seeds):
@@ -269,162 +245,68 @@ def validate_experiment(cfg: ExperimentConfig) -> tuple[list[Variant], list[RunE
     return variants, distillers, pairs
 
 
-# ---- run directories ---------------------------------------------------------------------------
-def _normalised(cfg: Config) -> Any:
-    return parse_yaml(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def run_resources(spec: ExperimentSpec, device: str = "cpu") -> dict[str, float]:
+    """Check how the grid is to be executed (``backend``, ``address``, ``resources``,
+    ``retries``) and return what one run asks for, ``{"cpus": c, "gpus": g}``."""
+    if spec.backend not in BACKENDS:
+        raise ConfigError(f"unknown experiment.backend {spec.backend!r}; available: "
+                          f"{', '.join(BACKENDS)}")
+    if spec.address is not None and not isinstance(spec.address, str):
+        raise ConfigError(f"experiment.address must be a Ray address such as 'HOST:6379', got "
+                          f"{spec.address!r}")
+    if spec.address and spec.backend != "ray":
+        raise ConfigError(f"experiment.address ({spec.address!r}) is a Ray cluster's address; "
+                          f"add --backend ray (experiment.backend=ray), or leave the address out")
+    if isinstance(spec.retries, bool) or not isinstance(spec.retries, int) or spec.retries < 0:
+        raise ConfigError(f"experiment.retries must be a whole number >= 0, got {spec.retries!r}")
+    unknown = sorted(set(spec.resources) - set(RESOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in experiment.resources; valid keys: "
+                          f"{', '.join(RESOURCE_KEYS)}")
+    res = {"cpus": 1.0, "gpus": 0.0}
+    for k, v in spec.resources.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"experiment.resources.{k} must be a number >= 0, got {v!r}")
+        res[k] = float(v)
+    for k in ("cpus", "gpus"):      # Ray takes fractions below one, whole numbers above
+        if res[k] > 1 and res[k] != int(res[k]):
+            raise ConfigError(f"experiment.resources.{k} = {res[k]:g}: Ray accepts a fraction "
+                              f"below 1 or a whole number; use {math.ceil(res[k])} or a "
+                              f"fraction")
+    if spec.backend == "ray":
+        if device.startswith("cuda") and res["gpus"] == 0:
+            raise ConfigError(f"device {device!r} with experiment.backend=ray: give every run a "
+                              f"GPU share, e.g. --set experiment.resources.gpus=1 (or 0.25 for "
+                              f"four runs per GPU); Ray hides the GPUs from runs that ask for "
+                              f"none")
+        if device.startswith("cuda:"):
+            raise ConfigError(f"device {device!r} with experiment.backend=ray: Ray assigns each "
+                              f"run its GPU; set device=cuda")
+    return res
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    return f"{prefix or '(top level)'}: {a!r} here, {b!r} asked for"
+# ---- the runs ----------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One run of the grid: a teacher, or a student of one teacher (``teacher_dir``)."""
+    kind: str                          # "teacher" or "student"
+    run_dir: Path
+    config: Config
+    meta: dict[str, Any]               # what its summary.json records besides the metrics
+    label: str                         # for people: "cnn1d-mlp seed 0: student of standard by kd"
+    teacher_dir: Path | None = None
 
 
-def _run_state(run_dir: Path, cfg: Config) -> str:
-    """``"done"``, ``"resume"`` (checkpoint of the same config), or ``"new"``."""
-    stored = run_dir / "config.yaml"
-    if not stored.is_file():
-        return "new"
-    have = parse_yaml(stored.read_text())
-    want = _normalised(cfg)
-    if have != want:
-        raise ConfigError(f"{run_dir} holds a run with a different config "
-                          f"({_first_difference(have, want)}); delete that directory or choose "
-                          f"another --out")
-    if (run_dir / "summary.json").is_file():
-        return "done"
-    return "resume" if (run_dir / CHECKPOINT).is_file() else "new"
-
-
-def _fresh(run_dir: Path) -> None:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-
-
-def _teacher_run_of(student_dir: Path) -> str | None:
-    """The teacher run id a finished student was distilled from (``None`` if unfinished)."""
-    path = student_dir / "summary.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("teacher_run")
-
-
-def _teacher_plan(run_dir: Path, cfg: Config) -> tuple[str, str | None]:
-    """``(state, run id)`` of a teacher run: the id of a finished one, else ``None``."""
-    state = _run_state(run_dir, cfg)
-    if state != "done":
-        return state, None
-    return state, json.loads((run_dir / "summary.json").read_text()).get("teacher_run")
-
-
-def _student_plan(run_dir: Path, cfg: Config, retrained: bool, run_id: str | None) -> str:
-    """The state of a student run; ``"new"`` when it was distilled from an earlier instance of
-    its teacher (it starts over)."""
-    state = _run_state(run_dir, cfg)
-    if state != "new" and (retrained or _teacher_run_of(run_dir) not in (None, run_id)):
-        state = "new"
-    return state
-
-
-def _check_grid(cells: list[tuple[Path, Config]]) -> None:
-    for run_dir, c in cells:
-        _run_state(run_dir, c)
-
-
-def _start(root: Path, cfg: ExperimentConfig) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "experiment.yaml",
-                      yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def _finish_teacher(tdir: Path, teacher: torch.nn.Module, data: Any, device: Any,
-                    meta: dict[str, Any]) -> str:
-    """Evaluate a trained teacher, write its summary; return its new run id."""
-    metrics, bins = teacher_report(teacher, data, device)
-    run_id = uuid.uuid4().hex
-    atomic_write_json(tdir / "reliability.json", bins)
-    atomic_write_json(tdir / "summary.json", {**meta, "teacher_run": run_id, "metrics": metrics})
-    return run_id
-
-
-def _finish_student(sdir: Path, student: torch.nn.Module, teacher: torch.nn.Module, data: Any,
-                    device: Any, summary: dict[str, Any]) -> None:
-    from ..pipeline import model_report
-    metrics = model_report(student, data, device, teacher)
-    atomic_write_json(sdir / "summary.json", {**summary, "metrics": metrics})
-
-
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-# ---- reports of single runs --------------------------------------------------------------------
-def teacher_report(model: torch.nn.Module, data: Any, device: Any) -> tuple[dict, dict]:
-    """Metrics of a teacher on train, test (and validation) inputs, and its reliability-diagram
-    bins on train and test inputs. One prediction pass per split."""
-    from ..engine.evaluate import predict, resolve_device
-    from ..metrics import classification_metrics, reliability, truth_metrics
-    device = resolve_device(device)
-    metrics: dict[str, float] = {}
-    bins: dict[str, Any] = {}
-    splits = [("train", data.train), ("test", data.test)]
-    if getattr(data, "val", None) is not None:
-        splits.append(("val", data.val))
-    for split, ds in splits:
-        pred = predict(model, ds, device, truth=data.truth, preprocess=data.preprocess)
-        m = classification_metrics(pred["logits"], pred["y"])
-        if data.truth is not None:
-            m.update(truth_metrics(pred["logits"], pred["log_p_true"]))
-        metrics.update({f"{split}_{k}": v for k, v in m.items()})
-        if split != "val":
-            bins[split] = reliability(pred["logits"], pred["y"])
-    t = getattr(model, "temperature", None)
-    if isinstance(t, torch.Tensor):
-        metrics["temperature"] = float(t)
-    return metrics, bins
-
-
-# ---- the grid ----------------------------------------------------------------------------------
-def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
-                   log: Callable[[str], None] = print) -> dict[str, int]:
-    """Run every cell of the grid not already finished in ``out``; return counts of the runs
-    ``trained`` and ``skipped``. Reports are made separately (:mod:`.report`)."""
-    from ..data import build_dataset
-    from ..engine.evaluate import resolve_device
-    from ..pipeline import load_model, run_student, run_teacher, split_validation
-
+def plan_grid(cfg: ExperimentConfig, out: str | Path) -> tuple[Path, list[Run]]:
+    """Check the grid and list its runs: the experiment's directory ``OUT/<data>`` and the runs
+    in the order the local backend trains them (seed, pair, teacher variant; each teacher
+    followed by its students)."""
     variants, distillers, pairs = validate_experiment(cfg)
     spec, base = cfg.experiment, cfg.base()
     out = Path(out)
     root = out / slug(data_label(cfg))
-    cells: list[tuple[Path, Config]] = []
-    for seed in spec.seeds:           # a run made with another config: an error before any work
-        for pair in pairs:
-            seed_dir = root / slug(pair.name) / f"seed{seed}"
-            for v in variants:
-                tcfg = teacher_config(base, seed, pair, v)
-                cells.append((seed_dir / "teachers" / slug(v.name), tcfg))
-                for d in distillers:
-                    cells.append((seed_dir / "students" / slug(v.name) / slug(d.name),
-                                  student_config(tcfg, d)))
-    run_on_main(_check_grid, cells)     # under torchrun: rank 0 reads, every process learns
-    raw = build_dataset(base.data.name, **base.data.options)    # data errors before any file
-    run_on_main(_start, root, cfg)
-    device = resolve_device(base.device)
-    counts = {"trained": 0, "skipped": 0}
-    total = len(spec.seeds) * len(pairs) * len(variants) * (1 + len(distillers))
-    done = 0
-    t0 = time.perf_counter()
-
-    def say(msg: str) -> None:
-        if is_main():               # under torchrun, rank 0 speaks
-            log(f"[{done}/{total} {time.perf_counter() - t0:5.0f}s] {msg}")
-
+    runs: list[Run] = []
     for seed in spec.seeds:
-        data = split_validation(raw, base.data.val_fraction, seed)
         for pair in pairs:
             seed_dir = root / slug(pair.name) / f"seed{seed}"
             for v in variants:
@@ -432,45 +314,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = F
                 tdir = seed_dir / "teachers" / slug(v.name)
                 meta = {"format": RUN_FORMAT, "kind": "teacher", "dataset": data_label(cfg),
                         "pair": pair.name, "teacher": v.name, "teacher_method": v.method,
-                        "teacher_options": v.options, "seed": seed, "teacher_dir": _rel(tdir, out)}
-                teacher = None
-                # decisions from files: taken on rank 0, the same on every process
-                state, run_id = run_on_main(_teacher_plan, tdir, tcfg)
-                retrained = state != "done"
-                if not retrained:
-                    counts["skipped"] += 1
-                    say(f"{pair.name} seed {seed}: teacher {v.name} already finished")
-                else:
-                    say(f"{pair.name} seed {seed}: training teacher {v.name}")
-                    if state == "new":
-                        run_on_main(_fresh, tdir)
-                    teacher = run_teacher(tcfg, data, tdir, method=v.method, options=v.options,
-                                          resume=state == "resume", progress=progress)
-                    run_id = run_on_main(_finish_teacher, tdir, teacher, data, device, meta)
-                    counts["trained"] += 1
-                done += 1
+                        "teacher_options": v.options, "seed": seed,
+                        "teacher_dir": tdir.relative_to(out).as_posix()}
+                runs.append(Run("teacher", tdir, tcfg, meta,
+                                f"{pair.name} seed {seed}: teacher {v.name}"))
                 for d in distillers:
-                    scfg = student_config(tcfg, d)
                     sdir = seed_dir / "students" / slug(v.name) / slug(d.name)
-                    # distilled from an earlier instance of this teacher: start over ("new")
-                    state = run_on_main(_student_plan, sdir, scfg, retrained, run_id)
-                    if state == "done":
-                        counts["skipped"] += 1
-                        done += 1
-                        continue
-                    say(f"{pair.name} seed {seed}: student of {v.name} by {d.name}")
-                    if teacher is None:
-                        teacher = load_model(tdir).to(device)
-                    if state == "new":
-                        run_on_main(_fresh, sdir)
-                    student = run_student(scfg, data, teacher, sdir, resume=state == "resume",
-                                          progress=progress, name=f"student[{d.name}]")
-                    run_on_main(_finish_student, sdir, student, teacher, data, device, {
-                        **meta, "kind": "student", "distiller": d.name,
-                        "distiller_method": d.method, "distiller_options": d.options,
-                        "teacher_run": run_id, "student_dir": _rel(sdir, out)})
-                    counts["trained"] += 1
-                    done += 1
-                del teacher
-    say(f"grid finished: {counts['trained']} runs trained, {counts['skipped']} already done")
-    return counts
+                    runs.append(Run(
+                        "student", sdir, student_config(tcfg, d),
+                        {**meta, "kind": "student", "distiller": d.name,
+                         "distiller_method": d.method, "distiller_options": d.options,
+                         "student_dir": sdir.relative_to(out).as_posix()},
+                        f"{pair.name} seed {seed}: student of {v.name} by {d.name}", tdir))
+    return root, runs

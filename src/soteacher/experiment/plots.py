@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .grid import slug
+from .layout import slug
 from .report import mean_std
 
 __all__ = ["make_plots", "require_matplotlib"]

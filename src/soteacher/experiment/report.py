@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..engine.io import atomic_write_text
+from .layout import RUN_FORMAT, SUMMARY
 
 __all__ = ["collect_rows", "format_summary", "mean_std", "merge_rows", "paired_differences",
            "read_results_csv", "student_cells", "teacher_cells", "write_report",
            "write_results_csv"]
 
-RUN_FORMAT = "soteacher-experiment-run/1"
 META_COLUMNS = ["kind", "dataset", "pair", "teacher", "teacher_method", "teacher_options",
                 "distiller", "distiller_method", "distiller_options", "seed", "teacher_dir",
                 "student_dir"]
@@ -39,7 +39,7 @@ GROUP = ("dataset", "pair")
 # ---- collecting --------------------------------------------------------------------------------
 def _summaries(out: Path) -> list[dict[str, Any]]:
     found = []
-    for path in sorted(Path(out).rglob("summary.json")):
+    for path in sorted(Path(out).rglob(SUMMARY)):
         try:
             s = json.loads(path.read_text())
         except (OSError, ValueError):
