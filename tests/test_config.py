@@ -83,3 +83,61 @@ def test_missing_and_invalid_files(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(p)
+
+
+# ---- switching a named choice by --set (issue 13) -----------------------------------------------
+def test_switching_the_teacher_method_drops_the_old_methods_options_with_a_note():
+    notes = []
+    cfg = load_config(None, ["teacher.method=standard"], notes=notes)
+    assert cfg.teacher.options == {}
+    assert notes == ["teacher.method is now 'standard' (was 'soteacher'): dropped teacher.options "
+                     "lipschitz_weight, consistency_weight, consistency_schedule, which it does "
+                     "not take"]
+    validate(cfg)
+
+
+def test_switching_the_dataset_and_the_distiller():
+    notes = []
+    cfg = load_config(None, ["data.name=cifar100", "distill.method=dkd"], notes=notes)
+    assert cfg.data.options == {}
+    assert notes[0].startswith("data.name is now 'cifar100' (was 'known_truth'): dropped "
+                               "data.options num_classes, input_shape, num_train, num_test, seed")
+    # options the new distiller takes are kept, and the note says so
+    assert cfg.distill.options == {"temperature": 4.0, "ce_weight": 0.5}
+    assert notes[1] == ("distill.method is now 'dkd' (was 'kd'): dropped distill.options "
+                        "kl_weight, which it does not take; kept temperature=4.0, "
+                        "ce_weight=0.5, which it takes (--set distill.options={} for its "
+                        "defaults)")
+    validate(cfg, ("distill",))
+
+
+def test_an_option_set_explicitly_is_kept_and_still_checked():
+    for order in (["teacher.method=standard", "teacher.options.lipschitz_weight=1e-5"],
+                  ["teacher.options.lipschitz_weight=1e-5", "teacher.method=standard"]):
+        notes = []
+        cfg = load_config(None, order, notes=notes)
+        assert cfg.teacher.options == {"lipschitz_weight": 1e-5}
+        assert "consistency_weight" in notes[0] and "lipschitz_weight" not in notes[0]
+        with pytest.raises(ConfigError, match="unknown option.*'lipschitz_weight' for teacher "
+                                              "method 'standard'"):
+            validate(cfg)
+    # a whole options mapping given with the switch is taken as it is, without a note
+    notes = []
+    cfg = load_config(None, ["teacher.method=standard", "teacher.options={label_smoothing: 0.1}"],
+                      notes=notes)
+    assert cfg.teacher.options == {"label_smoothing": 0.1} and notes == []
+    # no switch, nothing touched; without a notes list the note is a warning
+    assert load_config(None, ["teacher.method=soteacher"], notes=notes).teacher.options
+    assert notes == []
+    with pytest.warns(UserWarning, match="dropped teacher.model.options widths"):
+        cfg = apply_overrides(load_config(), ["teacher.model.name=resnet8"])
+    assert cfg.teacher.model.options == {}
+
+
+def test_runtime_keys_are_not_stored_with_a_run():
+    cfg = apply_overrides(load_config(), ["threads=2", "logging.tensorboard=true"])
+    assert cfg.threads == 2 and cfg.logging.tensorboard
+    assert "threads" not in config_to_dict(cfg) and "logging" not in config_to_dict(cfg)
+    assert config_to_dict(cfg, runtime=True)["threads"] == 2
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        validate(apply_overrides(load_config(), ["threads=0"]))
