@@ -387,3 +387,29 @@ def test_ray_extra_is_pinned_and_installed_by_dev():
     pins = [line for line in (root / "constraints.txt").read_text().splitlines()
             if line.startswith("ray==")]
     assert len(pins) == 1
+
+
+def test_experiment_modules_import_each_other_without_a_circle():
+    """Plan (grid), runs, scheduling and reporting are separate steps: the imports between the
+    package's modules, those inside functions included, form no cycle."""
+    import ast
+    from pathlib import Path
+    import soteacher.experiment as pkg
+    folder = Path(pkg.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {node.module for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert {"grid", "runs", "schedule", "report", "stats", "plots", "progress"} <= set(graph)
+    assert "plots" in graph["report"] and "ray_backend" in graph["schedule"]   # seen, lazy
+
+    def visit(name, seen):
+        assert name not in seen, " -> ".join([*seen, name])
+        for dep in graph.get(name, ()):
+            visit(dep, [*seen, name])
+
+    for name in graph:
+        visit(name, [])

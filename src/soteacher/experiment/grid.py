@@ -277,8 +277,8 @@ def run_resources(spec: ExperimentSpec, device: str = "cpu") -> dict[str, float]
         if device.startswith("cuda") and res["gpus"] == 0:
             raise ConfigError(f"device {device!r} with experiment.backend=ray: give every run a "
                               f"GPU share, e.g. --set experiment.resources.gpus=1 (or 0.25 for "
-                              f"four runs per GPU); Ray hides the GPUs from runs that ask for "
-                              f"none")
+                              f"four runs per GPU); Ray assigns GPUs only to runs that ask for "
+                              f"a share, the others would all use their node's first GPU")
         if device.startswith("cuda:"):
             raise ConfigError(f"device {device!r} with experiment.backend=ray: Ray assigns each "
                               f"run its GPU; set device=cuda")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .layout import slug
-from .report import mean_std
+from .stats import mean_std
 
 __all__ = ["make_plots", "require_matplotlib"]
 
