@@ -29,7 +29,8 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     s, t = student_logits / temperature, teacher_logits / temperature
-    gt = F.one_hot(target, s.shape[1]).bool()
+    # the target-class mask, built on the device (F.one_hot reads the labels' range on the host)
+    gt = torch.zeros_like(s, dtype=torch.bool).scatter_(1, target.view(-1, 1), True)
     neg_inf = torch.finfo(s.dtype).min
 
     def binary_log_probs(z: Tensor) -> Tensor:

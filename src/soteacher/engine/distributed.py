@@ -67,7 +67,7 @@ from torch import Tensor, nn
 __all__ = ["launched", "is_distributed", "world_size", "rank", "is_main", "local_rank",
            "init_process_group", "destroy_process_group", "process_group", "barrier",
            "batch_slice", "batch_layout", "step_layout", "all_gather_rows", "all_reduce_sum",
-           "all_true", "broadcast_object", "run_on_main", "DistributedModel", "wrap_model",
+           "all_reduce_min", "all_true", "all_true_on_device", "broadcast_object", "run_on_main", "DistributedModel", "wrap_model",
            "mix_seed"]
 
 
@@ -249,13 +249,32 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def all_reduce_min(t: Tensor) -> Tensor:
+    """Element-wise minimum of ``t`` over processes (in place, and returned); ``t`` itself in a
+    single process."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def all_true(flag: bool | Tensor, device: torch.device | str = "cpu") -> bool:
-    """Whether ``flag`` holds on every process (so that all take the same branch)."""
+    """Whether ``flag`` holds on every process (so that all take the same branch). Reads the
+    result on the host: inside a training step use :func:`all_true_on_device`."""
     if not is_distributed():
         return bool(flag)
     t = torch.as_tensor(flag, device=device).to(torch.int32).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def all_true_on_device(flag: Tensor) -> Tensor:
+    """Whether the bool tensor ``flag`` holds on every process, as a bool tensor on its device:
+    one all-reduce and no host read (``flag`` itself in a single process)."""
+    if not is_distributed():
+        return flag
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.bool()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
