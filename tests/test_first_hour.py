@@ -334,3 +334,25 @@ def test_tensorboard_gets_the_metrics_beside_the_jsonl(tmp_path, capsys):
     # off by default
     assert main(["train-teacher", "--out", str(tmp_path / "u"), *TINY]) == 0
     assert not (tmp_path / "u" / "tensorboard").exists()
+
+
+def test_a_real_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    """SIGINT to the installed command, as a terminal's Ctrl-C sends it, mid-run."""
+    import signal
+    import time
+    out = tmp_path / "t"
+    args = [*TINY, "--set", "teacher.train.epochs=200", "--set", "teacher.train.milestones=[]"]
+    proc = subprocess.Popen([sys.executable, "-m", "soteacher", "train-teacher", "--out",
+                             str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("soteacher train-teacher: interrupted; kept "
+                                                   "the checkpoint at epoch "), err
+    assert lines[0].endswith("--resume")
