@@ -153,6 +153,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=1, help="timed teacher epochs per measurement")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--full", action="store_true", help="also time the full demo (part demo)")
+    p.add_argument("--no-quick", action="store_true",
+                   help="part demo: skip 'demo --quick' (time only the full demo)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     a = p.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)
@@ -165,8 +167,9 @@ def main() -> int:
             rows = measure(name, lambda: epoch_run(threads, env, a.epochs), a.rounds, log)
             results[name] = summarise(rows, "seconds_per_epoch")
     else:
-        results["demo --quick"] = summarise(measure("demo --quick", lambda: demo_run(["--quick"]),
-                                                    a.rounds, log), "seconds")
+        if not a.no_quick:
+            results["demo --quick"] = summarise(
+                measure("demo --quick", lambda: demo_run(["--quick"]), a.rounds, log), "seconds")
         if a.full:
             results["demo"] = summarise(measure("demo", lambda: demo_run([]), 1, log), "seconds")
     results["load_at_end"] = load()

@@ -356,3 +356,13 @@ def test_a_real_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("soteacher train-teacher: interrupted; kept "
                                                    "the checkpoint at epoch "), err
     assert lines[0].endswith("--resume")
+
+
+def test_default_threads_are_only_raised_when_idle_threads_sleep(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")           # spinning: leave torch's count
+    assert threads_mod.set_threads(None) == 1 and torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert threads_mod.set_threads(None) == len(os.sched_getaffinity(0))
+    assert torch.get_num_threads() == len(os.sched_getaffinity(0))

@@ -34,8 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: the config's 'threads', else "
-                        "OMP_NUM_THREADS, else one per CPU; idle OpenMP threads sleep instead "
-                        "of spinning, so a busy machine does not slow training down)")
+                        "OMP_NUM_THREADS, else one per CPU); idle OpenMP threads sleep instead "
+                        "of spinning, see README, 'Threads on a shared machine'")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,7 +17,8 @@ torch, or start Python with ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
 
 The thread count is :func:`set_threads`: ``--threads N`` on the command line, ``threads: N`` in
 a config, ``threads=N`` in the Python API; by default, ``OMP_NUM_THREADS`` if the environment
-sets it (torchrun sets 1), else one per CPU this process may run on.
+sets it (torchrun sets 1), else one per CPU this process may run on (when idle threads spin
+instead, torch's own count is left alone).
 """
 
 from __future__ import annotations
@@ -60,16 +61,22 @@ def default_threads() -> int:
 
 
 def set_threads(threads: int | None = None) -> int:
-    """Give torch ``threads`` CPU threads (None: :func:`default_threads`) and return the count.
+    """Give torch ``threads`` CPU threads and return the count.
 
-    Process-wide, like ``torch.set_num_threads``, which it calls.
+    None: :func:`default_threads` when idle OpenMP threads sleep (:func:`passive_wait`); when
+    they spin (torch was imported before soteacher, or the user asked for it), ``OMP_NUM_THREADS``
+    if set, else torch's current count is left as it is, as more spinning threads are what
+    makes a shared machine slow. Process-wide, like ``torch.set_num_threads``, which it calls.
     """
+    import torch
     if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if not passive_wait() and not (env.isdigit() and int(env) > 0):
+            return torch.get_num_threads()
         threads = default_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a whole number >= 1 (or None for one per CPU), "
                          f"got {threads!r}")
-    import torch
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
