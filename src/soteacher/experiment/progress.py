@@ -174,7 +174,7 @@ class GridProgress:
                  f"{c['waiting']} waiting", f"{c['failed']} failed"]
         if c["unrun"]:
             parts.append(f"{c['unrun']} unrun")
-        eta = self.eta()
+        eta = self.eta() if c["running"] or c["waiting"] else None
         left = f", about {format_duration(eta)} left" if eta is not None else ""
         return ", ".join(parts) + f"; {format_duration(self.clock() - self.t0)}{left}"
 
