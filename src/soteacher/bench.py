@@ -45,7 +45,7 @@ from .data.cifar import ImageArrayDataset
 from .distillers import DISTILLERS, build_distiller
 from .engine.evaluate import resolve_device
 from .engine.optim import TrainSettings, build_optimizer
-from .engine.trainer import Trainer
+from .engine.trainer import NonFiniteLossError, Trainer
 from .models import create_model
 from .teachers import build_teacher_objective
 
@@ -311,8 +311,14 @@ def count_trainer_step(trainer: Trainer, epoch: int = 2, warmup_epochs: int = 1)
     for opt in (trainer.optimizer, trainer.init_optimizer):
         if opt is not None:
             use_foreach(opt)
+    # A step without host reads cannot branch on values: its operators are the same whatever
+    # the numbers, even NaN ones (short runs on random data may diverge), so a non-finite loss,
+    # found at the epoch's end, does not stop the count.
     for e in range(1, warmup_epochs + 1):
-        trainer.run_epoch(e)
+        try:
+            trainer.run_epoch(e)
+        except NonFiniteLossError:
+            pass
     counter = OpCounter()
     batches = trainer._batches
 
@@ -325,6 +331,8 @@ def count_trainer_step(trainer: Trainer, epoch: int = 2, warmup_epochs: int = 1)
     try:
         with counter:
             trainer.run_epoch(epoch)
+    except NonFiniteLossError:
+        pass
     finally:
         del trainer._batches
     inner = list(zip(counter.ops[2:-1], counter.host_reads[2:-1]))
@@ -349,6 +357,16 @@ def count_bare_step(model: nn.Module, x: Tensor, y: Tensor, settings: TrainSetti
     counter = OpCounter()
     with counter:
         step()
+    return StepCount.of(counter.ops[0], counter.host_reads[0])
+
+
+def count_forward(model: nn.Module, x: Tensor) -> StepCount:
+    """The operators of ``model``'s forward pass in eval mode without gradients: what a frozen
+    teacher costs a distillation step."""
+    model.eval()
+    counter = OpCounter()
+    with torch.no_grad(), counter:
+        model(x)
     return StepCount.of(counter.ops[0], counter.host_reads[0])
 
 

@@ -116,6 +116,9 @@ class AB(FeatureDistiller):
     def frozen_after_init(self) -> list[nn.Module]:
         return [self.connectors]
 
+    def uses_teacher(self) -> bool:
+        return self.ab_weight > 0
+
     def distill_terms(self, s_feats, t_feats, y, index) -> dict[str, Tensor]:
         if self.ab_weight == 0:
             return {}

@@ -471,7 +471,10 @@ class FeatureDistiller(Distiller):
         if self.in_init_stage:
             return self.init_step(model, x, y, index)
         s_logits, s_feats = self.student_features(model, x)
-        t_logits, t_feats = self.teacher_features(x)
+        # A main-stage step that uses neither the teacher's logits nor its features (AB and FSP
+        # by default) skips its forward pass: in eval mode without gradients it changes nothing.
+        t_logits, t_feats = (self.teacher_features(x)
+                             if self.kd_weight > 0 or self.uses_teacher() else (None, None))
         losses = {"ce": self.ce_weight * F.cross_entropy(s_logits, y)}
         if self.kd_weight > 0:
             losses["kd"] = self.kd_weight * kd_loss(s_logits, t_logits, self.temperature)
@@ -484,7 +487,12 @@ class FeatureDistiller(Distiller):
         _, t_feats = self.teacher_features(x)
         return StepOutput(s_logits, self.init_terms(s_feats, t_feats))
 
-    def distill_terms(self, s_feats: dict[str, Any], t_feats: dict[str, Any], y: Tensor,
+    def uses_teacher(self) -> bool:
+        """Whether :meth:`distill_terms` reads the teacher's features (when it does not, and the
+        KD term is off, a main-stage step skips the teacher's forward pass)."""
+        return True
+
+    def distill_terms(self, s_feats: dict[str, Any], t_feats: dict[str, Any] | None, y: Tensor,
                       index: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 

@@ -115,6 +115,9 @@ class FSP(FeatureDistiller):
     def init_terms(self, s_feats, t_feats) -> dict[str, Tensor]:
         return {"fsp_init": self.init_weight * self.fsp_total(s_feats, t_feats)}
 
+    def uses_teacher(self) -> bool:
+        return self.fsp_weight > 0
+
     def distill_terms(self, s_feats, t_feats, y, index) -> dict[str, Tensor]:
         if self.fsp_weight == 0:
             return {}

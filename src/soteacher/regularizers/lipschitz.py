@@ -230,7 +230,9 @@ class _Plan:
         # The parameters' gradient accumulators, to learn in the backward pass whether autograd
         # is about to write their .grad (loss.backward()) or hands the gradient back
         # (torch.autograd.grad).
-        self.accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in self.inputs]
+        with torch.enable_grad():
+            self.accumulators = [p.view_as(p).grad_fn.next_functions[0][0]
+                                 for p in self.inputs]
         self.mm_ok = True
         return self
 
