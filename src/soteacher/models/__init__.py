@@ -77,13 +77,17 @@ class FeatureNet(nn.Module):
     def stem(self, x: Tensor) -> Tensor:
         return x
 
+    def after_stem(self, h: Tensor) -> Tensor:
+        """What follows the reported stem feature before the first stage (e.g. a max-pool)."""
+        return h
+
     def pool(self, h: Tensor) -> Tensor:
         """Last stage output -> (B, F)."""
         return h
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, *input_shape) -> logits (B, num_classes)."""
-        h = self.stem(x)
+        h = self.after_stem(self.stem(x))
         for stage in self.stages:
             h = stage(h)
         return self.head(self.pool(h))
@@ -94,8 +98,8 @@ class FeatureNet(nn.Module):
         Stage outputs are listed shallow to deep; with ``preact=True`` each is taken before the
         stage's final ReLU. Computes exactly what ``forward`` computes.
         """
-        h = self.stem(x)
-        stem = h
+        stem = self.stem(x)
+        h = self.after_stem(stem)
         feats: list[Tensor] = []
         for stage in self.stages:
             pre = stage.body(h)

@@ -19,8 +19,6 @@ RepDistiller's feature list.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from . import MODELS, FeatureNet, Stage, check_num_classes
@@ -93,23 +91,8 @@ class ImageNetResNet(FeatureNet):
     def pool(self, h: Tensor) -> Tensor:
         return global_avg_pool(h)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.stem_pool(self.stem(x))
-        for stage in self.stages:
-            h = stage(h)
-        return self.head(self.pool(h))
-
-    def forward_features(self, x: Tensor, preact: bool = False) -> tuple[Tensor, dict[str, Any]]:
-        stem = self.stem(x)
-        h = self.stem_pool(stem)
-        feats: list[Tensor] = []
-        for stage in self.stages:
-            pre = stage.body(h)
-            post = stage.act(pre)
-            feats.append(pre if preact else post)
-            h = stage.post(post)
-        pooled = self.pool(h)
-        return self.head(pooled), {"stem": stem, "stages": feats, "pooled": pooled}
+    def after_stem(self, h: Tensor) -> Tensor:
+        return self.stem_pool(h)
 
 
 def _resnet(name: str, num_classes: int, input_shape: tuple[int, ...], layers: tuple[int, ...],
