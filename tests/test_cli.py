@@ -142,7 +142,8 @@ def test_demo_needs_known_truth(tmp_path, capsys):
 
 
 def test_another_method_on_a_soteacher_config_says_it_keeps_the_terms(tmp_path, capsys):
-    tiny = [*TINY, "--set", "teacher.train.epochs=1", "--set", "data.val_fraction=0.2"]
+    tiny = [*TINY, "--set", "teacher.train.epochs=1", "--set", "teacher.train.milestones=[]",
+            "--set", "data.val_fraction=0.2"]
     assert main(["train-teacher", "--out", str(tmp_path / "a"), *tiny,
                  "--set", "teacher.method=early_stop"]) == 0
     err = capsys.readouterr().err
