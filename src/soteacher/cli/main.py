@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 
 # Measured by benchmarks/shared_machine.py (BENCHMARKS.md, "Training on a shared machine").
-DEMO_DURATION = "18 min on 2 CPU cores busy with other jobs"
-QUICK_DURATION = "5 min on 2 CPU cores busy with other jobs"
+DEMO_DURATION = "10 min on 2 mostly idle CPU cores, 18 on 2 busy ones"
+QUICK_DURATION = "2 min on 2 mostly idle CPU cores, 5 on 2 busy ones"
 
 QUICK_OVERRIDES = [
     "data.options.num_train=1000", "data.options.num_test=1000",
