@@ -39,3 +39,9 @@ def test_every_distiller_and_teacher_method_has_a_row():
     cells = " ".join(row.split("|")[1] for row in _rows())
     for name in soteacher.list_distillers() + soteacher.list_teachers():
         assert f"`{name}`" in cells, f"docs/fidelity.md has no row for {name!r}"
+
+
+def test_the_public_listing_functions_say_what_they_return():
+    for fn in (soteacher.list_models, soteacher.list_distillers, soteacher.list_teachers):
+        assert fn.__doc__ and "Names of every registered" in fn.__doc__
+        assert fn() == sorted(fn())

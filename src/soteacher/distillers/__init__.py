@@ -73,6 +73,8 @@ def build_distiller(method: str, teacher: nn.Module, options: dict[str, Any] | N
 
 
 def list_distillers() -> list[str]:
+    """Names of every registered distillation method, sorted; pass one to
+    :func:`build_distiller` (or ``distill.method`` in a config)."""
     return DISTILLERS.names()
 
 

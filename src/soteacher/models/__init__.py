@@ -157,6 +157,7 @@ def create_model(name: str, num_classes: int, input_shape: Sequence[int] | None 
 
 
 def list_models() -> list[str]:
+    """Names of every registered model, sorted; pass one to :func:`create_model`."""
     return MODELS.names()
 
 

@@ -84,6 +84,8 @@ def teacher_params(method: str) -> list[str]:
 
 
 def list_teachers() -> list[str]:
+    """Names of every registered teacher-training method, sorted; pass one to
+    :func:`build_teacher_objective` (or ``teacher.method`` in a config)."""
     return TEACHERS.names()
 
 
