@@ -11,7 +11,8 @@ Layout of an experiment directory ``OUT``::
 distiller names with characters other than letters, digits and ``._=+-`` replaced by ``_``.
 Every run directory is a normal run (``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``,
 ``model.pt``) plus ``summary.json``, written last (a run with one is finished), ``.lock`` while
-a process trains it, and for a student ``teacher.json``, the teacher run it distils.
+a process trains it, for a teacher ``predictions.pt`` (its test-input probabilities) and for a
+student ``teacher.json``, the teacher run it distils.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import re
 
 from ..config import ConfigError
 
-__all__ = ["LOCK", "ORIGIN", "RUN_FORMAT", "STATUS", "SUMMARY", "slug"]
+__all__ = ["LOCK", "ORIGIN", "PREDICTIONS", "RUN_FORMAT", "STATUS", "SUMMARY", "slug"]
 
 #: ``format`` of every run's ``summary.json``; the report reads only files of this format.
 RUN_FORMAT = "soteacher-experiment-run/1"
@@ -28,6 +29,8 @@ SUMMARY = "summary.json"
 STATUS = "status.json"
 LOCK = ".lock"
 ORIGIN = "teacher.json"
+#: A teacher run's test-input probabilities (float16), for the agreement between seeds.
+PREDICTIONS = "predictions.pt"
 
 
 def slug(name: str) -> str:

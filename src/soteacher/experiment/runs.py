@@ -33,10 +33,10 @@ import yaml
 
 from ..config import Config, ConfigError, DataSpec, config_to_dict, parse_yaml
 from ..engine.distributed import is_main, run_on_main
-from ..engine.io import atomic_write_json
+from ..engine.io import atomic_torch_save, atomic_write_json
 from ..engine.trainer import CHECKPOINT
 from .grid import Run
-from .layout import LOCK, ORIGIN, SUMMARY
+from .layout import LOCK, ORIGIN, PREDICTIONS, SUMMARY
 from .lock import RunLock
 
 __all__ = ["check_runs", "execute_run", "grid_data", "raw_data", "run_state", "teacher_report",
@@ -139,9 +139,16 @@ def grid_data(cfg: Config) -> Any:
 
 
 # ---- reports of single runs --------------------------------------------------------------------
-def teacher_report(model: torch.nn.Module, data: Any, device: Any) -> tuple[dict, dict]:
+def teacher_report(model: torch.nn.Module, data: Any, device: Any,
+                   predictions: dict | None = None) -> tuple[dict, dict]:
     """Metrics of a teacher on train, test (and validation) inputs, and its reliability-diagram
-    bins on train and test inputs. One prediction pass per split."""
+    bins on train and test inputs. One prediction pass per split.
+
+    Besides accuracy, NLL and ECE (and the distances to p* where the data knows it), each split
+    has ``conf``: the mean top-class probability (the gap between train and held-out confidence
+    is a proxy of the distance to p* that needs no p*). When ``predictions`` is a dict, it
+    receives the test inputs' probabilities (float16, (N, C)): the agreement between teachers of
+    different seeds is computed from them, no labels used."""
     from ..engine.evaluate import predict, resolve_device
     from ..metrics import classification_metrics, reliability, truth_metrics
     device = resolve_device(device)
@@ -155,7 +162,11 @@ def teacher_report(model: torch.nn.Module, data: Any, device: Any) -> tuple[dict
         m = classification_metrics(pred["logits"], pred["y"])
         if data.truth is not None:
             m.update(truth_metrics(pred["logits"], pred["log_p_true"]))
+        probs = pred["logits"].float().softmax(dim=1)
+        m["conf"] = float(probs.max(dim=1).values.mean())
         metrics.update({f"{split}_{k}": v for k, v in m.items()})
+        if split == "test" and predictions is not None:
+            predictions["test"] = probs.half()
         if split != "val":
             bins[split] = reliability(pred["logits"], pred["y"])
     t = getattr(model, "temperature", None)
@@ -166,9 +177,11 @@ def teacher_report(model: torch.nn.Module, data: Any, device: Any) -> tuple[dict
 
 def _finish_teacher(run: Run, teacher: torch.nn.Module, data: Any, device: Any) -> str:
     """Evaluate a trained teacher, write its summary; return its new run id."""
-    metrics, bins = teacher_report(teacher, data, device)
+    predictions: dict = {}
+    metrics, bins = teacher_report(teacher, data, device, predictions)
     run_id = uuid.uuid4().hex
     atomic_write_json(run.run_dir / "reliability.json", bins)
+    atomic_torch_save(predictions, run.run_dir / PREDICTIONS)
     atomic_write_json(run.run_dir / SUMMARY,
                       {**run.meta, "teacher_run": run_id, "metrics": metrics})
     return run_id

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.distributed import all_gather_rows
+from ..engine.distributed import all_gather_rows, is_distributed
 from .schedules import SCHEDULES, STEP_START, schedule_weight
 
 __all__ = ["BANK_UPDATES", "BANK_DTYPES", "BANK_DEVICES", "consistency_loss", "ConsistencyBank",
@@ -142,18 +142,36 @@ class ConsistencyBank(nn.Module):
         of the rows that hold at least one past prediction."""
         return self.bank[index].float(), self.count[index] > 0
 
+    def _step_tau(self, epoch: int, count: Tensor, seen: Tensor) -> Tensor:
+        """``tau(epoch, count)`` as a (B,) tensor in at most two operations (no host reads)."""
+        if epoch < 1:
+            raise ValueError(f"epochs are counted from 1, got {epoch}")
+        if self.update_rule == "mean":
+            return torch.reciprocal(count + 1.0)            # 1 for an unseen row
+        if self.update_rule == "reference":
+            rule = 1.0 if epoch == 1 else 1.0 / (epoch + 1)
+        else:
+            rule = 1.0 - self.ema_decay
+        return torch.where(seen, rule, 1.0)
+
     @torch.no_grad()
     def update(self, index: Tensor, probs: Tensor, epoch: int) -> None:
         """Blend detached predictions ``probs`` (B, C) into the rows ``index`` (B,)."""
         count = self.count[index]
-        tau = self.tau(epoch, count).to(probs.device)[:, None]
-        old = self.bank[index].float()
+        self._blend(index, probs, epoch, self.bank[index].float(), count, count > 0)
+
+    @torch.no_grad()
+    def _blend(self, index: Tensor, probs: Tensor, epoch: int, old: Tensor, count: Tensor,
+               seen: Tensor) -> None:
+        """``update`` given the rows ``old = bank[index].float()``, ``count = count[index]`` and
+        ``seen = count > 0``, already read (the regulariser reads them once per step)."""
+        tau = self._step_tau(epoch, count, seen)[:, None]
         probs = probs.detach().float()
         # A row with NaN/inf (a step the trainer will skip) must not poison the bank.
         finite = torch.isfinite(probs).all(dim=1)
-        new = torch.where(finite[:, None], (1.0 - tau) * old + tau * probs, old)
+        new = torch.where(finite[:, None], torch.lerp(old, probs, tau), old)
         self.bank[index] = new.to(self.bank.dtype)
-        self.count[index] = count + finite.to(count.dtype)
+        self.count[index] = count + finite
 
 
 class ConsistencyRegularizer(nn.Module):
@@ -193,13 +211,24 @@ class ConsistencyRegularizer(nn.Module):
     def forward(self, logits: Tensor, index: Tensor, epoch: int) -> Tensor:
         probs = F.softmax(logits.float(), dim=1)
         where = self.bank.bank.device
+        local = index.to(where)
+        # The batch's rows and counts are read once, for the loss and for the update.
+        old = self.bank.bank[local].float()
+        count = self.bank.count[local]
+        seen = count > 0
         if epoch == 1:
             loss = logits.new_zeros(())
         else:
-            target, seen = self.bank.read(index.to(where))
-            per_sample = consistency_loss(probs, target.to(probs.device), reduction="none")
-            loss = self.weight_at(epoch) * (per_sample * seen.to(probs.device)).mean()
-        # Under DDP: every process's rows, in rank order (a no-op in a single process).
-        index, new = all_gather_rows(index, probs.detach())
-        self.bank.update(index.to(where), new.to(where), epoch)
+            # A row with no past prediction is its own target: zero loss and zero gradient,
+            # the same as masking it out, without a mask multiplication.
+            target = torch.where(seen.to(probs.device)[:, None], old.to(probs.device),
+                                 probs.detach())
+            diff = probs - target
+            loss = torch.sum(diff * diff) * (self.weight_at(epoch) / probs.shape[0])
+        if is_distributed():
+            # Every process's rows, in rank order; each replica applies the whole global batch.
+            index, new = all_gather_rows(index, probs.detach())
+            self.bank.update(index.to(where), new.to(where), epoch)
+        else:
+            self.bank._blend(local, probs.detach().to(where), epoch, old, count, seen)
         return loss
