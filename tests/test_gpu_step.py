@@ -195,8 +195,8 @@ SMALL = dict(input_shape=(1, 8, 8), num_classes=10, batch_size=4, steps=3)
 # Operations per step on cnn2d_small (teacher cnn2d_small for the distillers), counted as on
 # CUDA (SGD with foreach); a few percent of headroom. A change that raises one must say why.
 TEACHER_BUDGET = {"standard": 64, "early_stop": 64, "temperature_scaled": 64, "swa": 64,
-                  "label_smoothing": 81, "lipschitz": 85, "consistency": 102, "crl": 105,
-                  "soteacher": 123, "sftn": 126}
+                  "label_smoothing": 81, "lipschitz": 85, "consistency": 85, "crl": 105,
+                  "soteacher": 106, "sftn": 126}
 DISTILLER_BUDGET = {"kd": 95, "dkd": 146, "dist": 155, "fitnet": 95, "at": 156, "sp": 112,
                     "cc": 100, "vid": 154, "rkd": 174, "pkt": 140, "ab": 66, "ft": 146,
                     "fsp": 66, "nst": 180, "crd": 249}

@@ -143,16 +143,20 @@ class ConsistencyBank(nn.Module):
         return self.bank[index].float(), self.count[index] > 0
 
     def _step_tau(self, epoch: int, count: Tensor, seen: Tensor) -> Tensor:
-        """``tau(epoch, count)`` as a (B,) tensor in at most two operations (no host reads)."""
+        """``tau(epoch, count)`` as a (B,) tensor in one or two operations, no host reads: the
+        rule's constant and 1 are tensors made once per epoch and device."""
         if epoch < 1:
             raise ValueError(f"epochs are counted from 1, got {epoch}")
         if self.update_rule == "mean":
             return torch.reciprocal(count + 1.0)            # 1 for an unseen row
-        if self.update_rule == "reference":
-            rule = 1.0 if epoch == 1 else 1.0 / (epoch + 1)
-        else:
-            rule = 1.0 - self.ema_decay
-        return torch.where(seen, rule, 1.0)
+        rule = (1.0 - self.ema_decay if self.update_rule == "ema"
+                else 1.0 if epoch == 1 else 1.0 / (epoch + 1))
+        key = (rule, seen.device)
+        if getattr(self, "_tau_consts", (None,))[0] != key:
+            self._tau_consts = (key, torch.tensor(rule, device=seen.device),
+                                torch.tensor(1.0, device=seen.device))
+        _, rule_t, one = self._tau_consts
+        return torch.where(seen, rule_t, one)
 
     @torch.no_grad()
     def update(self, index: Tensor, probs: Tensor, epoch: int) -> None:
@@ -167,8 +171,12 @@ class ConsistencyBank(nn.Module):
         ``seen = count > 0``, already read (the regulariser reads them once per step)."""
         tau = self._step_tau(epoch, count, seen)[:, None]
         probs = probs.detach().float()
-        # A row with NaN/inf (a step the trainer will skip) must not poison the bank.
-        finite = torch.isfinite(probs).all(dim=1)
+        # A row with NaN/inf (a step the trainer will skip) must not poison the bank. A row of
+        # probabilities is finite exactly when its sum is (a NaN or inf anywhere reaches the sum;
+        # a softmax of finite logits never overflows), and a sum is finite when it equals itself
+        # and is not inf; both checks in two operations: s - s is 0 only for a finite s.
+        total = probs.sum(dim=1)
+        finite = (total - total) == 0
         new = torch.where(finite[:, None], torch.lerp(old, probs, tau), old)
         self.bank[index] = new.to(self.bank.dtype)
         self.count[index] = count + finite
@@ -223,8 +231,8 @@ class ConsistencyRegularizer(nn.Module):
             # the same as masking it out, without a mask multiplication.
             target = torch.where(seen.to(probs.device)[:, None], old.to(probs.device),
                                  probs.detach())
-            diff = probs - target
-            loss = torch.sum(diff * diff) * (self.weight_at(epoch) / probs.shape[0])
+            loss = F.mse_loss(probs, target, reduction="sum") * (self.weight_at(epoch)
+                                                                 / probs.shape[0])
         if is_distributed():
             # Every process's rows, in rank order; each replica applies the whole global batch.
             index, new = all_gather_rows(index, probs.detach())
