@@ -206,11 +206,14 @@ def format_summary(rows: Sequence[dict[str, Any]], baseline: str = "standard") -
 def write_report(out: str | Path, baseline: str = "standard", plots: bool = True,
                  plots_dir: str | Path | None = None,
                  previous: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """Write ``results.csv`` and ``summary.md`` into ``out`` and, with ``plots``, the figures
-    (into ``plots_dir``, default ``out/plots``). Returns the paths and the rows. ``previous``
-    (rows of an earlier ``results.csv``) fills in the runs that ``out`` does not hold, for a
-    partial rerun (see :func:`merge_rows`); figures that read run directories (reliability
-    diagrams) use the runs in ``out`` only."""
+    """Write ``results.csv``, ``summary.md`` and ``premise.md`` (the premise panel: how each
+    teacher measure correlates with its students' test accuracy, :mod:`.premise`) into ``out``
+    and, with ``plots``, the figures (into ``plots_dir``, default ``out/plots``). Returns the
+    paths, the rows and the premise panel's numbers (``premise``). ``previous`` (rows of an
+    earlier ``results.csv``) fills in the runs that ``out`` does not hold, for a partial rerun
+    (see :func:`merge_rows`); what reads run directories (reliability diagrams, the agreement
+    between teacher seeds) uses the runs in ``out`` only."""
+    from .premise import write_premise
     out = Path(out)
     rows = merge_rows(collect_rows(out), previous)
     write_results_csv(rows, out / "results.csv")
@@ -218,8 +221,11 @@ def write_report(out: str | Path, baseline: str = "standard", plots: bool = True
     atomic_write_text(out / "summary.md", summary + "\n")
     result: dict[str, Any] = {"rows": rows, "results_csv": out / "results.csv",
                               "summary_md": out / "summary.md", "summary": summary, "plots": []}
+    figures = Path(plots_dir) if plots_dir else out / "plots"
     if plots and rows:
         from .plots import make_plots
-        result["plots"] = make_plots(out, rows, Path(plots_dir) if plots_dir else out / "plots",
-                                     baseline=baseline)
+        result["plots"] = make_plots(out, rows, figures, baseline=baseline)
+    premise = write_premise(out, rows, plots_dir=figures if plots and rows else None)
+    result.update(premise_md=premise["path"], premise=premise["table"])
+    result["plots"] += premise["plots"]
     return result
