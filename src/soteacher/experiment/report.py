@@ -1,4 +1,5 @@
-"""Results of an experiment directory: ``results.csv`` (one row per run) and ``summary.md``.
+"""Results of an experiment directory: ``results.csv`` (one row per run), ``summary.md`` and
+``premise.md`` (see :mod:`.premise`).
 
 Everything here reads the ``summary.json`` files under the directory, so the report covers every
 finished run there (several grids written into one ``--out`` are reported together) and can be
