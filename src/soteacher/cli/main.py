@@ -1,4 +1,5 @@
-"""The ``soteacher`` command line: demo, train-teacher, distill, evaluate, experiment, list."""
+"""The ``soteacher`` command line: demo, train-teacher, distill, evaluate, experiment, tune,
+list."""
 
 from __future__ import annotations
 
@@ -100,6 +101,36 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--address", default=None, metavar="ADDR",
                    help="with --backend ray: the Ray cluster to use, e.g. HEAD:6379 (default: "
                         "a local Ray instance sized to this machine)")
+
+    tn = sub.add_parser("tune", help="choose the teacher's settings (method, SoTeacher's "
+                                     "weights, schedule, epochs) by a measure on the validation "
+                                     "split, with Optuna (pip install 'soteacher[tune]')")
+    tn.add_argument("config", type=Path,
+                    help="YAML config (with data.val_fraction > 0), optionally with a 'tune:' "
+                         "section (space, trials, proxy, ...)")
+    tn.add_argument("--out", type=Path, required=True,
+                    help="study directory; a study of the same config there is continued")
+    tn.add_argument("--trials", "--n-trials", dest="trials", type=int, default=None,
+                    metavar="N", help="completed trials wanted in total (default: tune.trials, 20)")
+    tn.add_argument("--proxy", default=None, metavar="NAME",
+                    help="what selects the teacher: student_val_acc (a KD student's validation "
+                         "accuracy, the default), val_nll, val_ece, val_acc, conf_gap, nll_gap, "
+                         "train_nll")
+    tn.add_argument("--seed", type=int, default=None, help="the sampler's seed (default: the "
+                                                           "config's seed)")
+    tn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set data.val_fraction=0.1 (repeatable)")
+    tn.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, auto, ...")
+    _threads(tn)
+    tn.add_argument("--quiet", action="store_true", help="no progress output")
+    tn.add_argument("--backend", choices=["local", "ray"], default=None,
+                    help="local: one trial after another (default); ray: several trials at once "
+                         "as Ray tasks (tune.parallel, tune.resources; pip install "
+                         "'soteacher[ray]')")
+    tn.add_argument("--address", default=None, metavar="ADDR",
+                    help="with --backend ray: the Ray cluster to use (default: a local instance)")
+    tn.add_argument("--parallel", type=int, default=None, metavar="K",
+                    help="with --backend ray: trials at once (default: as many as fit)")
 
     ls = sub.add_parser("list", help="list registered names, one per line")
     ls.add_argument("what", choices=["distillers", "models", "datasets", "teachers"])
@@ -300,6 +331,30 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ..config import apply_overrides
+    from ..tune import TuneFailed, format_result, load_tune_config, tune
+    notes: list[str] = []
+    cfg = load_tune_config(args.config, args.overrides, notes=notes)
+    for key, value in (("device", args.device), ("threads", args.threads),
+                       ("tune.backend", args.backend), ("tune.address", args.address),
+                       ("tune.parallel", args.parallel)):
+        if value is not None:
+            cfg = apply_overrides(cfg, [f"{key}={value}"])
+    for n in notes:
+        _note(n)
+    _apply_threads(cfg.threads)
+    log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    try:
+        result = tune(cfg, args.out, n_trials=args.trials, proxy=args.proxy, seed=args.seed,
+                      progress=not args.quiet, log=log)
+    except TuneFailed as e:
+        print(f"soteacher tune: error: {e}", file=sys.stderr)
+        return 1
+    print(format_result(result))
+    return 0
+
+
 def cmd_list(args) -> int:
     from ..data import list_datasets
     from ..distillers import list_distillers
@@ -359,7 +414,7 @@ def _print_metrics(report: dict) -> None:
 
 COMMANDS = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill,
             "evaluate": cmd_evaluate, "list": cmd_list, "data": cmd_data, "bench": cmd_bench,
-            "experiment": cmd_experiment}
+            "experiment": cmd_experiment, "tune": cmd_tune}
 
 
 #: Commands that run on several processes under torchrun (DistributedDataParallel).
@@ -397,6 +452,14 @@ def _kept(command: str, out: Path | None) -> tuple[str, bool]:
         if partial:
             parts.append(f"the checkpoint of {', '.join(partial)}")
         return f"kept {' and '.join(parts)} in {out}", True
+    if command == "tune":
+        done = 0
+        if (out / "trials.csv").is_file():
+            import csv
+            with (out / "trials.csv").open() as f:
+                done = sum(r.get("state") == "COMPLETE" for r in csv.DictReader(f))
+        return (f"kept {done} completed trial(s) in {out / 'study.db'}; the interrupted trial "
+                f"is retried with the same settings, from its last checkpoint if it has one"), True
     if command == "experiment":
         done = len(list(out.glob("**/summary.json")))
         return f"kept {done} finished run(s) and the checkpoints of unfinished ones in {out}", True
@@ -421,9 +484,10 @@ def _interrupted(args, argv: list[str]) -> int:
     if not is_main():
         return 130
     out = getattr(args, "out", None)
-    if args.command in ("demo", "train-teacher", "distill", "experiment"):
+    if args.command in ("demo", "train-teacher", "distill", "experiment", "tune"):
         kept, resumable = _kept(args.command, out)
-        again = "start again" if not resumable and args.command != "experiment" else "continue"
+        again = ("start again" if not resumable and args.command not in ("experiment", "tune")
+                 else "continue")
         print(f"\nsoteacher {args.command}: interrupted; {kept}; {again} with: "
               f"{_continue_command(args.command, argv, resumable)}", file=sys.stderr)
     else:

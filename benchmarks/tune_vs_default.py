@@ -1,0 +1,256 @@
+"""Does a teacher tuned on the validation split make better students than the defaults?
+
+For each small data set and seed: ``soteacher tune`` chooses the teacher's settings by a proxy on
+the validation split (10% of the training set, as in ``benchmarks/teacher_methods.yaml``); then
+KD students are distilled from the tuned teacher, from the default SoTeacher teacher (the paper's
+lambda_LR = 1e-5, lambda_CR = 1, linear schedule) and from the standard teacher, all trained on
+the same 90%, and compared on the held-out test set, seed by seed: how often the tuned teacher's
+student is ahead, the paired mean difference and its 95% t-interval. On known-truth data the
+students of the oracle teacher (logits log p*) are trained too, and the table gives the fraction
+of the standard-to-oracle student gap that each teacher closes, (acc - standard) / (oracle -
+standard), of the means over seeds.
+
+The data sets and models are those of ``benchmarks/teacher_methods.py`` (known_truth: 50 teacher
+epochs, 30 student epochs; known_truth_long: the demo's 100 and 60; mnist1d; digits with 2-D
+CNNs). Every run goes into ``--out``; finished runs are read back when the script is started
+again. Markdown tables go to stdout, the numbers to ``OUT/results.json``.
+
+    .venv/bin/python benchmarks/tune_vs_default.py --out runs/bench/tune_vs_default
+    .venv/bin/python benchmarks/tune_vs_default.py --tiny --out /tmp/tvd     # a smoke run
+
+Full scale is 4 data sets x seeds x (trials + 2 teachers and 3-4 students): with the defaults
+(3 seeds, 20 trials of a teacher and a student each) several hundred teacher trainings, many
+CPU-core hours; it has not been run at that scale here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DATASETS = {                     # overrides of benchmarks/teacher_methods.yaml, as there
+    "known_truth": [],
+    "known_truth_long": ["teacher.train.epochs=100", "teacher.train.milestones=[60, 85]",
+                         "student.train.epochs=60", "student.train.milestones=[40, 52]"],
+    "mnist1d": ["data.name=mnist1d", "data.options={num_samples: 2000, train_split: 0.5}"],
+    "digits": ["data.name=digits", "data.options={}",
+               "teacher.model={name: cnn2d, options: {widths: [32, 64, 128]}}",
+               "student.model={name: cnn2d, options: {widths: [8, 16, 32]}}"],
+}
+TINY = {
+    "common": ["teacher.train.epochs=2", "teacher.train.milestones=[]",
+               "teacher.train.eval_every=0", "student.train.epochs=1",
+               "student.train.milestones=[]", "student.train.eval_every=0",
+               "teacher.model.options.widths=[8, 16]", "student.model.options.widths=[4, 8]"],
+    "known_truth": ["data.options.num_train=120", "data.options.num_test=80"],
+    "known_truth_long": ["data.options.num_train=120", "data.options.num_test=80",
+                         "teacher.train.epochs=3"],
+    "mnist1d": ["data.options.num_samples=300"],
+    "digits": ["data.options.test_fraction=0.5"],
+}
+TEACHERS = ("tuned", "soteacher", "standard")
+
+# t quantiles (0.975) for 1..30 degrees of freedom; beyond, Fisher's expansion
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Seed-paired ``a - b``: ``n``, ``mean``, 95% t-interval ``low``/``high`` (None for one
+    pair) and ``wins`` (pairs where ``a > b``)."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    low = high = None
+    if len(d) > 1:
+        half = t_975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+        low, high = mean - half, mean + half
+    return {"n": len(d), "mean": mean, "low": low, "high": high, "wins": sum(x > 0 for x in d)}
+
+
+def gap_closed(acc: float, standard: float, oracle: float) -> float | None:
+    """The fraction of the standard-to-oracle gap that ``acc`` closes (None without a gap)."""
+    gap = oracle - standard
+    return None if abs(gap) < 1e-12 else (acc - standard) / gap
+
+
+def _student(cfg, data, name: str, teacher_fn, root: Path, log) -> float:
+    """Test accuracy of the KD student of teacher ``name`` (trained unless finished before)."""
+    from soteacher.engine.io import atomic_write_json
+    from soteacher.pipeline import model_report, prepare_run_dir, run_student
+    summary = root / f"student_{name}" / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())["test_acc"]
+    teacher = teacher_fn()
+    log(f"student of the {name} teacher")
+    run_dir = prepare_run_dir(root / f"student_{name}", overwrite=True)
+    student = run_student(cfg, data, teacher, run_dir, progress=False, name=f"student[{name}]")
+    report = model_report(student, data, cfg.device)
+    atomic_write_json(summary, report)
+    return report["test_acc"]
+
+
+def _teacher(cfg, data, method: str, root: Path, log):
+    from soteacher.pipeline import load_model, prepare_run_dir, run_teacher
+    run_dir = root / f"teacher_{method}"
+    if (run_dir / "model.pt").is_file():
+        return load_model(run_dir)
+    log(f"{method} teacher")
+    run_dir = prepare_run_dir(run_dir, overwrite=True)
+    return run_teacher(cfg, data, run_dir, method=method, options={}, progress=False)
+
+
+def run_seed(cfg, root: Path, trials: int, proxy: str, log) -> dict[str, Any]:
+    """Tune, then the students of the tuned, default SoTeacher, standard (and oracle) teachers."""
+    import dataclasses
+
+    from soteacher.data import OracleTeacher
+    from soteacher.engine.evaluate import resolve_device
+    from soteacher.pipeline import build_data, load_model
+    from soteacher.tune import tune
+    # the default SoTeacher teacher: the method's own defaults, whatever the config's options
+    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, method="soteacher",
+                                                               options={}))
+    result = tune(cfg, root / "tune", n_trials=trials, proxy=proxy, log=lambda m: log(f"tune: {m}"))
+    best = result["best"]
+    if best is None:
+        raise RuntimeError(f"no trial completed in {root / 'tune'}")
+    data = build_data(cfg)          # the trials' training split; the test split for the students
+    device = resolve_device(cfg.device)
+    acc = {"tuned": _student(cfg, data, "tuned", lambda: load_model(best["run_dir"]).to(device), root, log)}
+    for method in ("soteacher", "standard"):
+        acc[method] = _student(cfg, data, method,
+                               lambda m=method: _teacher(cfg, data, m, root, log), root, log)
+    if data.truth is not None:
+        acc["oracle"] = _student(cfg, data, "oracle", lambda: OracleTeacher(data.truth), root,
+                                 log)
+    return {"students_test_acc": acc, "best": {k: best[k] for k in ("number", "value",
+                                                                     "settings")}}
+
+
+def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    seeds = sorted(per_seed)
+    acc = {n: [per_seed[s]["students_test_acc"][n] for s in seeds]
+           for n in per_seed[seeds[0]]["students_test_acc"]}
+    out: dict[str, Any] = {"seeds": seeds,
+                           "mean_test_acc": {n: statistics.fmean(v) for n, v in acc.items()},
+                           "tuned_vs_soteacher": paired(acc["tuned"], acc["soteacher"]),
+                           "tuned_vs_standard": paired(acc["tuned"], acc["standard"]),
+                           "chosen": [per_seed[s]["best"]["settings"] for s in seeds]}
+    if "oracle" in acc:
+        m = out["mean_test_acc"]
+        out["gap_closed"] = {n: gap_closed(m[n], m["standard"], m["oracle"])
+                             for n in ("tuned", "soteacher")}
+    return out
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def table(results: dict[str, Any], proxy: str) -> str:
+    head = ["data", "seeds", "tuned %", "SoTeacher %", "standard %", "oracle %",
+            "tuned - SoTeacher (points, 95% CI, seeds ahead)",
+            "tuned - standard (points, 95% CI, seeds ahead)", "gap closed: tuned / SoTeacher"]
+    lines = [f"Students' test accuracy (KD); teacher tuned by `{proxy}` on the validation split",
+             "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for ds, r in results.items():
+        m = r["mean_test_acc"]
+
+        def diff(p: dict) -> str:
+            ci = (f" [{_pct(p['low'], True)}, {_pct(p['high'], True)}]"
+                  if p["low"] is not None else "")
+            return f"{_pct(p['mean'], True)}{ci} ({p['wins']}/{p['n']})"
+        gap = r.get("gap_closed")
+        gap_text = (" / ".join("-" if gap[n] is None else f"{gap[n]:.2f}"
+                               for n in ("tuned", "soteacher")) if gap else "-")
+        lines.append("| " + " | ".join([
+            ds, str(len(r["seeds"])), _pct(m["tuned"]), _pct(m["soteacher"]),
+            _pct(m["standard"]), _pct(m.get("oracle")), diff(r["tuned_vs_soteacher"]),
+            diff(r["tuned_vs_standard"]), gap_text]) + " |")
+    lines.append("")
+    for ds, r in results.items():
+        chosen = ", ".join(f"{c['method']}" + (f" (lambda_CR {c['consistency_weight']:.3g}, "
+                                               f"lambda_LR {c['lipschitz_weight']:.2g}, "
+                                               f"{c['consistency_schedule']})"
+                                               if "consistency_weight" in c else "")
+                           + (f", {c['epochs']} epochs" if "epochs" in c else "")
+                           for c in r["chosen"])
+        lines.append(f"- {ds}: chosen per seed: {chosen}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from soteacher.config import apply_overrides, load_experiment_config
+    from soteacher.engine.allocator import tune_cpu_allocator
+    from soteacher.engine.io import atomic_write_json, atomic_write_text
+    from soteacher.tune import proxy_names
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "teacher_methods.yaml")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "tune_vs_default")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--trials", type=int, default=20, help="completed trials per study")
+    p.add_argument("--proxy", default="student_val_acc", choices=proxy_names())
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tiny", action="store_true",
+                   help="toy scale (2 seeds, 3 trials, 1-3 epochs), to check that it all runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    tune_cpu_allocator()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        args.seeds, args.trials = min(args.seeds, 2), min(args.trials, 3)
+    t0 = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", file=sys.stderr,
+                            flush=True)
+    base = load_experiment_config(args.config).base()
+    results: dict[str, Any] = {}
+    for ds in args.datasets:
+        overrides = list(DATASETS[ds])
+        if args.tiny:
+            overrides += TINY["common"] + TINY[ds]
+        if args.device:
+            overrides.append(f"device={args.device}")
+        cfg = apply_overrides(base, overrides + args.overrides, notes=[])
+        per_seed = {}
+        for seed in range(args.seeds):
+            log(f"== {ds}, seed {seed}")
+            per_seed[seed] = run_seed(apply_overrides(cfg, [f"seed={seed}"], notes=[]),
+                                      args.out / ds / f"seed{seed}", args.trials, args.proxy,
+                                      lambda m, ds=ds, s=seed: log(f"{ds} seed {s}: {m}"))
+        results[ds] = {**summarise(per_seed), "per_seed": per_seed}
+    text = table(results, args.proxy)
+    atomic_write_json(args.out / "results.json",
+                      {"proxy": args.proxy, "trials": args.trials, "tiny": args.tiny,
+                       "wall_time_s": time.perf_counter() - t0, "datasets": results})
+    atomic_write_text(args.out / "summary.md", text + "\n")
+    print(text)
+    print(f"\nresults: {args.out / 'results.json'} ({time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
