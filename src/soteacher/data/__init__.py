@@ -3,6 +3,7 @@
 Builders are plain functions of keyword options (each with a default)::
 
     known_truth   synthetic shifted Gaussian mixture with known p*(y|x) (the SoTeacher testbed)
+    known_truth_net  synthetic 1-D signals labelled by a fixed random network's softmax (known p*)
     mnist1d       MNIST-1D, generated locally with the ``mnist1d`` package
     digits        scikit-learn's 8x8 handwritten digits
     cifar10       CIFAR-10 from the python-version archive or its folder (uint8 images)
@@ -24,6 +25,7 @@ from .augment import (Normalize, RandomCropPad, RandomFlip, RandomResizedCrop, R
                       ToFloat)
 from .base import DATASETS, ArrayDataset, DataBundle, IndexedDataset
 from .known_truth import KnownTruthTask, OracleTeacher
+from .known_truth_net import NetOracleTeacher, NetTruthTask, oracle_teacher
 from . import digits as _digits, mnist1d as _mnist1d  # noqa: F401  (registers the builders)
 from .cifar import ImageArrayDataset, UnsafePickleError  # (registers cifar10, cifar100)
 from .download import ChecksumError, DatasetError  # the module stays soteacher.data.download
@@ -31,9 +33,9 @@ from .imagefolder import ImageFolderDataset  # (registers tiny_imagenet, imagene
 
 __all__ = [
     "DATASETS", "ArrayDataset", "ChecksumError", "DataBundle", "DatasetError", "ImageArrayDataset",
-    "ImageFolderDataset", "IndexedDataset", "KnownTruthTask", "Normalize", "OracleTeacher",
-    "RandomCropPad", "RandomFlip", "RandomResizedCrop", "RandomRoll", "ToFloat",
-    "UnsafePickleError", "build_dataset", "list_datasets",
+    "ImageFolderDataset", "IndexedDataset", "KnownTruthTask", "NetOracleTeacher", "NetTruthTask",
+    "Normalize", "OracleTeacher", "RandomCropPad", "RandomFlip", "RandomResizedCrop", "RandomRoll",
+    "ToFloat", "UnsafePickleError", "build_dataset", "list_datasets", "oracle_teacher",
 ]
 
 

@@ -18,6 +18,7 @@ from ..registry import Registry
 
 if TYPE_CHECKING:
     from .known_truth import KnownTruthTask
+    from .known_truth_net import NetTruthTask
 
 __all__ = ["DATASETS", "ArrayDataset", "IndexedDataset", "DataBundle", "dataset_labels"]
 
@@ -112,7 +113,9 @@ class DataBundle:
 
     ``train`` and ``test`` yield ``(x, y, index)`` items. ``augment`` is applied by the trainer to
     whole batches (B, *input_shape) on the device, during training only. ``truth`` is set only for
-    data whose true label distribution p*(y|x) is known (``KnownTruthTask``).
+    data whose true label distribution p*(y|x) is known (``KnownTruthTask``, ``NetTruthTask``:
+    ``log_prob(x)``, ``bayes_accuracy(x)``; ``soteacher.data.oracle_teacher(truth)`` is the
+    teacher whose logits are log p*).
 
     ``preprocess`` is a deterministic batch transform applied on the device to every batch before
     it reaches a model: in training (after ``augment``) and in evaluation alike. Image datasets
@@ -129,5 +132,5 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, ...]
     augment: nn.Module | None
-    truth: KnownTruthTask | None = None
+    truth: KnownTruthTask | NetTruthTask | None = None
     preprocess: nn.Module | None = None

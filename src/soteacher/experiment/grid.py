@@ -7,6 +7,14 @@ putting the runs on a backend (one after another here, or Ray tasks) is :mod:`.s
 results table and summary are :mod:`.report`.
 
 Each teacher is trained once per (pair, seed) and reused for every distiller of the grid.
+
+The teacher entry ``oracle`` trains nothing: it is the exact p*(y|x) of data whose truth is known
+(``known_truth``, ``known_truth_net``; :func:`soteacher.data.oracle_teacher`), the best teacher
+there can be. Its run directory holds its metrics like any teacher's, and its students distil
+from p*. It takes no options, and only logit distillers (those that read nothing but the
+teacher's logits: ``kd``, ``dkd``, ``dist``) can distil from it. During distillation it sees the
+student's augmented batch, so p* must not change under the data's augmentation (the random
+circular shift of both known-truth families leaves it unchanged; this is checked on a batch).
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ from ..config import (Config, ConfigError, DistillSpec, ExperimentConfig, Experi
                       ModelSpec, validate)
 from .layout import RUN_FORMAT, slug
 
-__all__ = ["BACKENDS", "Pair", "Run", "RunEntry", "Variant", "distiller_entries", "format_value",
-           "model_pairs", "plan_grid", "run_resources", "slug", "teacher_variants",
-           "validate_experiment"]
+__all__ = ["BACKENDS", "ORACLE", "Pair", "Run", "RunEntry", "Variant", "distiller_entries",
+           "format_value", "logit_distillers", "model_pairs", "plan_grid", "run_resources", "slug",
+           "teacher_variants", "validate_experiment"]
 
 #: The ways to execute a grid (``experiment.backend``, ``--backend``).
 BACKENDS = ("local", "ray")
+#: The teacher entry that is p*(y|x) itself (data with known truth only); it trains nothing.
+ORACLE = "oracle"
 RESOURCE_KEYS = ("cpus", "gpus")
 
 
@@ -121,6 +131,15 @@ def teacher_variants(spec: ExperimentSpec,
     for i, item in enumerate(spec.teachers):
         name, method, options = _entry(item, f"experiment.teachers[{i}]", "teacher method",
                                        defaults)
+        if method == ORACLE:
+            if options:
+                raise ConfigError(f"experiment.teachers[{i}]: the oracle teacher takes no options "
+                                  f"(it is p*(y|x) itself); got {options!r}")
+            if sweep and name in spec.sweep_teachers:
+                raise ConfigError(f"experiment.sweep_teachers names {name!r}, the oracle "
+                                  f"teacher, which has no options to sweep; leave it out")
+            out.append(Variant(name, method, {}))
+            continue
         try:
             params = [p for p in teacher_params(method) if p not in TEACHER_CONTEXT]
         except KeyError as e:
@@ -229,9 +248,11 @@ def validate_experiment(cfg: ExperimentConfig) -> tuple[list[Variant], list[RunE
         for pair in pairs:
             c = teacher_config(base, spec.seeds[0], pair, v)
             try:
-                validate(c, ("teacher", "student"))
+                validate(c, ("student",) if v.method == ORACLE else ("teacher", "student"))
             except ConfigError as e:
                 raise ConfigError(f"teacher {v.name!r}, pair {pair.name!r}: {e}") from None
+        if v.method == ORACLE:
+            continue
         if "val_set" in teacher_params(v.method) and base.data.val_fraction == 0:
             raise ConfigError(f"teacher {v.name!r} (method {v.method!r}) needs a validation "
                               f"split of the training set; set data.val_fraction=0.1 (it then "
@@ -242,7 +263,52 @@ def validate_experiment(cfg: ExperimentConfig) -> tuple[list[Variant], list[RunE
             validate(c, ("distill",))
         except ConfigError as e:
             raise ConfigError(f"distiller {d.name!r}: {e}") from None
+    oracles = [v.name for v in variants if v.method == ORACLE]
+    if oracles:
+        _check_oracle(base, oracles[0], distillers)
     return variants, distillers, pairs
+
+
+def logit_distillers() -> list[str]:
+    """The distillers that read only the teacher's logits, so that they can distil from the
+    oracle: every registered one that is not a feature distiller (``kd``, ``dkd``, ``dist``)."""
+    from ..distillers import DISTILLERS, FeatureDistiller
+    return [n for n in DISTILLERS.names()
+            if not (isinstance(DISTILLERS.get(n), type)
+                    and issubclass(DISTILLERS.get(n), FeatureDistiller))]
+
+
+def _check_oracle(base: Config, name: str, distillers: list[RunEntry]) -> None:
+    """The oracle teacher ``name`` needs data with known p*, a p* that the data's augmentation
+    leaves unchanged (it sees the augmented batches), and distillers of logits only."""
+    import torch
+    from .runs import raw_data
+    allowed = logit_distillers()
+    for d in distillers:
+        if d.method not in allowed:
+            raise ConfigError(f"distiller {d.name!r} (method {d.method!r}) reads the teacher's "
+                              f"intermediate features, and the oracle teacher {name!r} has none "
+                              f"(it is p*(y|x) itself); with the oracle use a logit distiller: "
+                              f"{', '.join(allowed)}")
+    data = raw_data(base.data)          # built once per process; the grid reuses it
+    if data.truth is None:
+        raise ConfigError(f"the oracle teacher needs data whose p* is known, e.g. "
+                          f"data.name=known_truth; {base.data.name!r} has none (leave "
+                          f"{name!r} out of experiment.teachers)")
+    if data.preprocess is not None:
+        raise ConfigError(f"the oracle teacher {name!r} reads raw inputs, and {base.data.name!r} "
+                          f"preprocesses its batches before the models see them; leave "
+                          f"{name!r} out of experiment.teachers")
+    if base.data.augment and data.augment is not None and len(data.train) > 0:
+        x = torch.stack([data.train[i][0] for i in range(min(64, len(data.train)))])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            xa = data.augment(x)
+        if xa.shape != x.shape or not torch.allclose(data.truth.log_prob(xa),
+                                                     data.truth.log_prob(x), atol=1e-4):
+            raise ConfigError(f"the oracle teacher {name!r} sees the students' augmented inputs, "
+                              f"and the augmentation of {base.data.name!r} changes p*(y|x); set "
+                              f"data.augment=false for a grid with the oracle")
 
 
 def run_resources(spec: ExperimentSpec, device: str = "cpu") -> dict[str, float]:

@@ -10,6 +10,9 @@ directory holds decides what happens:
   resumed from the checkpoint, to the weights an uninterrupted run reaches;
 * otherwise: trained from the start (the directory emptied first).
 
+The ``oracle`` teacher (p*(y|x) of data with known truth) trains nothing: its run writes its
+``config.yaml``, reports and ``summary.json`` at once, and its students rebuild it from the data.
+
 A ``config.yaml`` that differs from the one the grid asks for is an error (delete the directory
 or choose another ``--out``), never silently reused. A student distilled, or begun, from an
 earlier instance of its teacher (the teacher was trained again since) starts over.
@@ -35,7 +38,7 @@ from ..config import Config, ConfigError, DataSpec, config_to_dict, parse_yaml
 from ..engine.distributed import is_main, run_on_main
 from ..engine.io import atomic_torch_save, atomic_write_json
 from ..engine.trainer import CHECKPOINT
-from .grid import Run
+from .grid import ORACLE, Run
 from .layout import LOCK, ORIGIN, PREDICTIONS, SUMMARY
 from .lock import RunLock
 
@@ -233,16 +236,28 @@ def execute_run(run: Run, *, data: Any = None, teacher: torch.nn.Module | None =
             lock.release()
 
 
+def _oracle(data: Any, device: Any) -> torch.nn.Module:
+    from ..data import oracle_teacher
+    if data.truth is None:
+        raise ConfigError("the oracle teacher needs data whose p* is known, e.g. "
+                          "data.name=known_truth")
+    return oracle_teacher(data.truth).to(device)
+
+
 def _teacher(run: Run, data: Any, device: Any, progress: bool) -> dict[str, Any]:
-    from ..pipeline import run_teacher
+    from ..pipeline import run_teacher, save_config
     state = run_on_main(run_state, run.run_dir, run.config)
     if state == "done":
         return {"state": state, "teacher_run": run_on_main(teacher_run_of, run.run_dir),
                 "model": None}
     if state == "new":
         run_on_main(_fresh, run.run_dir)
-    model = run_teacher(run.config, data, run.run_dir, resume=state == "resume",
-                        progress=progress)
+    if run.config.teacher.method == ORACLE:     # nothing to train: p* is the teacher
+        model = _oracle(data, device)
+        run_on_main(save_config, run.config, run.run_dir)
+    else:
+        model = run_teacher(run.config, data, run.run_dir, resume=state == "resume",
+                            progress=progress)
     run_id = run_on_main(_finish_teacher, run, model, data, device)
     return {"state": state, "teacher_run": run_id, "model": model}
 
@@ -259,7 +274,8 @@ def _student(run: Run, data: Any, device: Any, teacher: torch.nn.Module | None,
         run_on_main(atomic_write_json, run.run_dir / ORIGIN,
                     {"teacher_dir": run.meta["teacher_dir"], "teacher_run": teacher_run})
     if teacher is None:
-        teacher = load_model(run.teacher_dir).to(device)
+        teacher = (_oracle(data, device) if run.config.teacher.method == ORACLE
+                   else load_model(run.teacher_dir).to(device))
     model = run_student(run.config, data, teacher, run.run_dir, resume=state == "resume",
                         progress=progress, name=f"student[{run.meta['distiller']}]")
     run_on_main(_finish_student, run, model, teacher, data, device, teacher_run)
