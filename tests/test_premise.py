@@ -246,3 +246,15 @@ def test_write_report_without_p_star(tmp_path):
     assert "p* is not known for this data set" in text
     assert "train_tv_true" not in {e["measure"] for e in rep["premise"]}
     assert not (tmp_path / "plots").exists()
+
+
+def test_the_oracles_students_are_left_out_of_the_correlations():
+    rows = _grid()
+    # p* itself: distance 0 but, here, the worst students; counted, it would break the line
+    rows += [{"kind": "student", "dataset": "known_truth", "pair": "p-q", "teacher": "oracle",
+              "teacher_method": "oracle", "distiller": "kd", "seed": s, "teacher_dir": f"o/{s}",
+              "student_test_acc": 0.1, "teacher_train_tv_true": 0.0, "teacher_val_nll": 1.0,
+              "teacher_train_nll": 1.0, "teacher_val_acc": 0.8, "teacher_val_ece": 0.05}
+             for s in (0, 1, 2)]
+    tv = {e["measure"]: e for e in premise_table(rows, n_boot=50)}["train_tv_true"]
+    assert tv["run_n"] == 12 and tv["run_pearson"] == pytest.approx(-1.0)

@@ -18,7 +18,7 @@ import yaml
 from torch import nn
 
 from .config import Config, ConfigError, ModelSpec, config_to_dict, parse_yaml, validate
-from .data import DataBundle, OracleTeacher, build_dataset
+from .data import DataBundle, build_dataset, oracle_teacher
 from .distillers import build_distiller
 from .engine.distributed import is_main
 from .engine.evaluate import evaluate, predict, resolve_device
@@ -296,7 +296,7 @@ def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
     data = build_data(cfg)
     if data.truth is None:
         raise ConfigError(f"the demo needs a dataset whose true label distribution is known; "
-                          f"{cfg.data.name!r} has none (use data.name=known_truth)")
+                          f"{cfg.data.name!r} has none (use data.name=known_truth or known_truth_net)")
     if resume:
         _check_demo_resume(cfg, Path(out))
     out = prepare_run_dir(out, overwrite=overwrite, resume=resume)
@@ -323,7 +323,7 @@ def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,
             options = seed_cfg.teacher.options if method == "soteacher" else {}
             teachers[method] = run_teacher(seed_cfg, data, run_dir, method=method,
                                            options=options, progress=progress, resume=again)
-        teachers["oracle"] = OracleTeacher(data.truth)
+        teachers["oracle"] = oracle_teacher(data.truth)
         for name, teacher in teachers.items():
             run["teachers"][name] = model_report(teacher, data, seed_cfg.device)
         for name in (*teachers, "none"):

@@ -11,7 +11,7 @@
   and each proxy of :mod:`.proxies` predicts its students' accuracy).
 """
 
-from .grid import (Pair, Run, RunEntry, Variant, distiller_entries, model_pairs, plan_grid,
+from .grid import (ORACLE, Pair, Run, RunEntry, Variant, distiller_entries, model_pairs, plan_grid,
                    teacher_variants, validate_experiment)
 from .report import (collect_rows, format_summary, mean_std, paired_differences, student_cells,
                      teacher_cells, write_report, write_results_csv)
@@ -19,7 +19,7 @@ from .premise import premise_table, write_premise
 from .proxies import PROXIES, TRUTH, proxy_value
 from .schedule import GridFailed, run_experiment
 
-__all__ = ["GridFailed", "PROXIES", "Pair", "Run", "RunEntry", "TRUTH", "Variant", "collect_rows",
+__all__ = ["GridFailed", "ORACLE", "PROXIES", "Pair", "Run", "RunEntry", "TRUTH", "Variant", "collect_rows",
            "distiller_entries", "format_summary", "mean_std", "model_pairs", "paired_differences",
            "plan_grid", "premise_table", "proxy_value", "run_experiment", "write_premise", "student_cells", "teacher_cells", "teacher_variants",
            "validate_experiment", "write_report", "write_results_csv"]

@@ -231,9 +231,11 @@ def premise_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path | None 
     p*-distances appear only where some teacher has them; every proxy appears (NaN where its
     metrics are missing). ``seed_agreement`` needs ``out_dir``, the experiment directory the
     rows' ``teacher_dir`` are relative to; without it, or without ``predictions.pt`` files, it is
-    NaN. Every bootstrap uses ``seed``: the same rows give the same table."""
+    NaN. Every bootstrap uses ``seed``: the same rows give the same table. The students of the
+    ``oracle`` teacher (p* itself, a reference, not a training method) are left out."""
     table: list[dict[str, Any]] = []
     students = [r for r in rows if r.get("kind") == "student" and r.get("distiller")
+                and r.get("teacher_method") != "oracle"
                 and math.isfinite(_num(r.get(_TARGET)))]
     groups = sorted({(str(r["dataset"]), str(r["pair"]), str(r["distiller"])) for r in students})
     agreement: dict[tuple, tuple[float, int]] = {}
@@ -458,7 +460,7 @@ def plot_premise(Figure: Any, rows: Sequence[Mapping[str, Any]],
     if not shown:
         return None
     dataset, pair, distiller = entries[0]["dataset"], entries[0]["pair"], entries[0]["distiller"]
-    sel = [r for r in rows if r.get("kind") == "student"
+    sel = [r for r in rows if r.get("kind") == "student" and r.get("teacher_method") != "oracle"
            and (str(r.get("dataset")), str(r.get("pair")), str(r.get("distiller")))
            == (dataset, pair, distiller) and math.isfinite(_num(r.get(_TARGET)))]
     teachers = sorted({str(r["teacher"]) for r in sel})
