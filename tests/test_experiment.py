@@ -77,7 +77,9 @@ def test_tiny_grid_end_to_end_then_restart_trains_nothing(tmp_path, capsys, monk
     summary_md = (out / "summary.md").read_text()
     assert "`soteacher`" in summary_md and "(2)" in summary_md
     plots = sorted(p.name.split("__")[0] for p in (out / "plots").glob("*.png"))
-    assert plots == ["reliability", "student_acc", "teacher_vs_student", "truth_distance"]
+    assert plots == ["premise", "reliability", "student_acc", "teacher_vs_student",
+                     "truth_distance"]
+    assert "explains" in (out / "premise.md").read_text()
     weights = sorted(out.rglob("model.pt"))
     assert len(weights) == 8
     status = json.loads((out / "known_truth" / "status.json").read_text())

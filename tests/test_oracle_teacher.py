@@ -186,16 +186,16 @@ def test_oracle_takes_no_options_and_is_not_swept(tmp_path):
 
 
 def test_an_augmentation_that_changes_p_star_is_refused(tmp_path, monkeypatch):
-    import soteacher.experiment.runs as runs
-    real = runs.raw_data
+    import soteacher.experiment.datasets as datasets
+    real = datasets.raw_data
 
     def flipped(spec):
         data = real(spec)
         data.augment = RandomFlip(p=1.0)        # a mirror image changes the shifted mixture's p*
         return data
 
-    monkeypatch.setattr(runs, "_RAW", {})
-    monkeypatch.setattr(runs, "raw_data", flipped)
+    monkeypatch.setattr(datasets, "_RAW", {})
+    monkeypatch.setattr(datasets, "raw_data", flipped)
     with pytest.raises(ConfigError, match="the augmentation of 'known_truth' changes p"):
         _validate(tmp_path)
     data = {**GRID["data"], "augment": False}

@@ -21,7 +21,7 @@ from soteacher.cli.main import main  # noqa: E402
 from soteacher.config import (ConfigError, apply_overrides, config_to_dict,  # noqa: E402
                               load_config)
 from soteacher.engine.trainer import NonFiniteLossError  # noqa: E402
-from soteacher.experiment import runs  # noqa: E402
+from soteacher.experiment import datasets, runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = {
@@ -206,7 +206,7 @@ class Poisoned(torch.utils.data.Dataset):
 def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     import dataclasses
     real = runs.raw_data
-    monkeypatch.setattr(runs, "_RAW", {})
+    monkeypatch.setattr(datasets, "_RAW", {})
     monkeypatch.setattr(runs, "raw_data",
                         lambda spec: dataclasses.replace(real(spec), test=Poisoned()))
     Poisoned.touched.clear()

@@ -22,7 +22,7 @@ import yaml
 
 from .engine.optim import TrainSettings
 
-__all__ = ["ConfigError", "Config", "DataSpec", "ModelSpec", "TeacherSpec", "StudentSpec",
+__all__ = ["ConfigError", "Config", "first_difference", "DataSpec", "ModelSpec", "TeacherSpec", "StudentSpec",
            "DistillSpec", "LoggingSpec", "TrainSettings", "ExperimentSpec", "ExperimentConfig",
            "load_config", "load_experiment_config", "apply_overrides", "config_to_dict",
            "validate", "default_config_path", "RUNTIME_KEYS"]
@@ -159,6 +159,18 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
+
+
+def first_difference(a: Any, b: Any, words: tuple[str, str] = ("there", "now"),
+                     prefix: str = "") -> str:
+    """The first key at which two nested mappings differ, as ``"key.sub: A there, B now"``
+    (``words`` names the two sides), for errors about a run resumed with other settings."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), words,
+                                        f"{prefix}.{k}" if prefix else str(k))
+    return f"{prefix or '(top level)'}: {a!r} {words[0]}, {b!r} {words[1]}"
 
 
 def default_config_path(name: str = "demo") -> Path:

@@ -17,7 +17,8 @@ import torch
 import yaml
 from torch import nn
 
-from .config import Config, ConfigError, ModelSpec, config_to_dict, parse_yaml, validate
+from .config import (Config, ConfigError, ModelSpec, config_to_dict, first_difference, parse_yaml,
+                     validate)
 from .data import DataBundle, build_dataset, oracle_teacher
 from .distillers import build_distiller
 from .engine.distributed import is_main
@@ -266,16 +267,10 @@ def _check_demo_resume(cfg: Config, out: Path) -> None:
     want = parse_yaml(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if have != want:
         raise ConfigError(f"the demo in {str(out)!r} was run with another config "
-                          f"({_first_difference(have, want)}); resume it with the options it was "
+                          f"({first_difference(have, want)}); resume it with the options it was "
                           f"started with (e.g. --quick), or pass --overwrite to start again")
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    return f"{prefix or '(top level)'}: {a!r} there, {b!r} now"
 
 
 def run_demo(cfg: Config, out: Path, seeds: int = 1, progress: bool = True,

@@ -78,8 +78,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .config import (Config, ConfigError, apply_overrides, config_to_dict, load_config,
-                     validate)
+from .config import (Config, ConfigError, apply_overrides, config_to_dict, first_difference,
+                     load_config, validate)
 from .engine.io import atomic_write_json, atomic_write_text
 from .engine.trainer import NonFiniteLossError
 from .experiment.proxies import PROXIES, proxy_value
@@ -98,7 +98,6 @@ SUMMARY = "summary.json"
 TRIAL_FORMAT = "soteacher-tune-trial/1"
 BACKENDS = ("local", "ray")
 INSTALL = "pip install 'soteacher[tune]'"
-RAY_INSTALL = "pip install 'soteacher[ray]'"
 #: The proxy that distils a student from each trial's teacher.
 STUDENT_PROXY = "student_val_acc"
 #: The reference's epochs, of which its step schedule waits ``STEP_START`` (50 of 240).
@@ -183,12 +182,8 @@ def require_optuna() -> Any:
 
 def require_ray() -> Any:
     """The ``ray`` module, or an ``ImportError`` with the install command."""
-    try:
-        import ray
-    except ImportError:
-        raise ImportError(f"--backend ray needs Ray: {RAY_INSTALL} (or tune with --backend "
-                          f"local)") from None
-    return ray
+    from .experiment.ray_backend import require_ray as grid_require_ray
+    return grid_require_ray("tune with --backend local")
 
 
 # ---- the search space --------------------------------------------------------------------------
@@ -506,12 +501,6 @@ def _normalised(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    return f"{prefix or '(top level)'}: {a!r} there, {b!r} now"
 
 
 def _open_study(optuna: Any, out: Path, identity: dict[str, Any], direction: str,
@@ -533,7 +522,7 @@ def _open_study(optuna: Any, out: Path, identity: dict[str, Any], direction: str
         study.set_user_attr("identity", identity)
     elif have != identity:
         raise ConfigError(f"{str(out)!r} holds a study of another config "
-                          f"({_first_difference(have, identity)}); continue it with the config "
+                          f"({first_difference(have, identity)}); continue it with the config "
                           f"it was started with, or choose another output directory")
     return study
 

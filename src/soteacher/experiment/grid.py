@@ -282,7 +282,7 @@ def _check_oracle(base: Config, name: str, distillers: list[RunEntry]) -> None:
     """The oracle teacher ``name`` needs data with known p*, a p* that the data's augmentation
     leaves unchanged (it sees the augmented batches), and distillers of logits only."""
     import torch
-    from .runs import raw_data
+    from .datasets import raw_data
     allowed = logit_distillers()
     for d in distillers:
         if d.method not in allowed:

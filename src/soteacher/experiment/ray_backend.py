@@ -51,13 +51,13 @@ NOT_RETRIED = (ConfigError, RunLockedError, NonFiniteLossError, CheckpointError)
 REFRESH_S = 30.0
 
 
-def require_ray() -> Any:
-    """The ``ray`` module, or an ``ImportError`` with the install command."""
+def require_ray(instead: str = "run the grid with --backend local") -> Any:
+    """The ``ray`` module, or an ``ImportError`` with the install command (and ``instead``, what
+    to do without Ray)."""
     try:
         import ray
     except ImportError:
-        raise ImportError(f"--backend ray needs Ray: {INSTALL} (or run the grid with "
-                          f"--backend local)") from None
+        raise ImportError(f"--backend ray needs Ray: {INSTALL} (or {instead})") from None
     return ray
 
 

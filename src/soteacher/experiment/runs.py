@@ -34,11 +34,13 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from ..config import Config, ConfigError, DataSpec, config_to_dict, parse_yaml
+from ..config import (Config, ConfigError, DataSpec, config_to_dict, first_difference,
+                      parse_yaml)
 from ..engine.distributed import is_main, run_on_main
 from ..engine.io import atomic_torch_save, atomic_write_json
 from ..engine.trainer import CHECKPOINT
 from .grid import ORACLE, Run
+from .datasets import raw_data
 from .layout import LOCK, ORIGIN, PREDICTIONS, SUMMARY
 from .lock import RunLock
 
@@ -51,12 +53,6 @@ def _normalised(cfg: Config) -> Any:
     return parse_yaml(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    return f"{prefix or '(top level)'}: {a!r} here, {b!r} asked for"
 
 
 def run_state(run_dir: Path, cfg: Config) -> str:
@@ -68,7 +64,7 @@ def run_state(run_dir: Path, cfg: Config) -> str:
     want = _normalised(cfg)
     if have != want:
         raise ConfigError(f"{run_dir} holds a run with a different config "
-                          f"({_first_difference(have, want)}); delete that directory or choose "
+                          f"({first_difference(have, want, ('here', 'asked for'))}); delete that directory or choose "
                           f"another --out")
     if (run_dir / SUMMARY).is_file():
         return "done"
@@ -121,20 +117,6 @@ def _fresh(run_dir: Path) -> None:
 
 
 # ---- data --------------------------------------------------------------------------------------
-_RAW: dict[str, Any] = {}
-
-
-def raw_data(spec: DataSpec) -> Any:
-    """The data set ``spec`` names, built once per process (a Ray worker keeps it for the next
-    run of the same data)."""
-    from ..data import build_dataset
-    key = yaml.safe_dump({"name": spec.name, "options": spec.options}, sort_keys=True)
-    if key not in _RAW:
-        _RAW.clear()                # one data set at a time
-        _RAW[key] = build_dataset(spec.name, **spec.options)
-    return _RAW[key]
-
-
 def grid_data(cfg: Config) -> Any:
     """The data of one run: its data set with the validation split of its seed."""
     from ..pipeline import split_validation
