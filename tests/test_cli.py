@@ -14,12 +14,7 @@ TINY = ["--set", "data.options.num_train=120", "--set", "data.options.num_test=8
         "--set", "teacher.model.options.widths=[8, 16]", "--threads", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_list(capsys):

@@ -61,12 +61,7 @@ def within(a: torch.Tensor, b: torch.Tensor, n_terms: int, atol: float = ATOL) -
     return (a - b).abs() <= atol + ULPS * EPS32 * n_terms * b.abs()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the runs, shared by the test (one process) and the children (two) --------------------------

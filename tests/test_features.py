@@ -8,12 +8,7 @@ from soteacher.models import create_model
 from soteacher.models.features import FeatureExtractor, get_features, layer_spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def user_net():

@@ -16,12 +16,7 @@ from soteacher.distillers.common import hint_list
 from soteacher.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 #: RepDistiller's ``feat`` list (per-sample shapes) of each model: [f0 (stem), ..., pooled].

@@ -33,12 +33,7 @@ from soteacher.teachers.callbacks import refresh_batch_norm, swa_update
 from soteacher.teachers.objective import TeacherObjective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- fixed tensors (closed forms, no RNG) ------------------------------------------------------

@@ -36,12 +36,7 @@ from soteacher.regularizers.lipschitz import lipschitz_bound
 from soteacher.teachers import list_teachers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ==== the Lipschitz bound: fused form = per-layer form ===========================================

@@ -27,12 +27,7 @@ from soteacher.data.download import download, safe_extract
 Image = pytest.importorskip("PIL.Image")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- fake CIFAR archives in the real format ---------------------------------------------------

@@ -21,12 +21,7 @@ SHAPE = (1, 16)
 N = 24                                  # 3 steps of 8 per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pair(method, seed=0):

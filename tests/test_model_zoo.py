@@ -13,12 +13,7 @@ from soteacher.models import create_model
 from soteacher.models.shufflenet import channel_shuffle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Parameter counts at 100 classes, as published for the RepDistiller / CRD CIFAR-100 zoo.

@@ -25,14 +25,8 @@ CANDIDATE_SHAPES = [(1, 16), (1, 8, 8)]
 CONV_MODELS = [n for n in list_models() if n.startswith("cnn")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: a second intra-op thread only adds synchronisation, which costs
-    # seconds when the two CPU cores are shared with other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: a second intra-op thread only adds synchronisation.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _accepted_shapes(name: str) -> list[tuple[int, ...]]:

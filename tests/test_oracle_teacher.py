@@ -30,12 +30,7 @@ NET_DATA = {"name": "known_truth_net", "val_fraction": 0.0,
                         "num_test": 60, "seed": 0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, data=None, **experiment):

@@ -104,12 +104,7 @@ def expected_anchor(recipe: str, pair: str) -> list[float]:
             "logit-std-dkd": lambda: [LOGIT_STD_DKD[pair][-1]]}[recipe]()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

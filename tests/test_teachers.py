@@ -30,12 +30,7 @@ TINY = ["data.options.num_train=80", "data.options.num_test=40", "data.options.n
         "student.model.options={}"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

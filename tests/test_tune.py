@@ -38,12 +38,7 @@ CFG = {
 QUIET = dict(log=lambda m: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(tmp_path, name="cfg.yaml", **changes):
