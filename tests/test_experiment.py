@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-import torch
 import yaml
 
 from soteacher.cli.main import main
