@@ -178,3 +178,29 @@ def test_callbacks_run_every_epoch_and_resume_with_their_state(tmp_path):
     ref = CountAndAverage()
     trainer(tmp_path / "ref", epochs=3, callbacks=[ref]).fit()
     assert torch.equal(ref.avg, cb2.avg)
+
+
+def test_an_interrupt_that_python_swallowed_stops_the_run_at_the_next_step(tmp_path):
+    """Ctrl-C raises KeyboardInterrupt and flags the request: where the exception was lost (it
+    landed in a finaliser, where Python only prints it), the next step stops the run."""
+    from soteacher.engine.trainer import request_interrupt
+
+    class SwallowOnce(Jitter):
+        calls = 0
+
+        def forward(self, x, *args, **kwargs):
+            SwallowOnce.calls += 1
+            if SwallowOnce.calls == 3:           # the third step: Ctrl-C, its exception lost
+                request_interrupt()
+            return super().forward(x, *args, **kwargs)
+
+    t = trainer(tmp_path)
+    t.augment = SwallowOnce()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            t.fit()
+    finally:
+        request_interrupt(False)
+    assert SwallowOnce.calls == 3                 # stopped before the fourth step
+    assert not (tmp_path / "model.pt").exists()   # no final weights from an interrupted run
+    assert trainer(tmp_path / "again", epochs=1).fit()   # the flag is cleared afterwards

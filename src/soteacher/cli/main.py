@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -517,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.io import CheckpointError
     from ..engine.trainer import NonFiniteLossError
     from ..engine.distributed import process_group
+    from ..engine.trainer import request_interrupt
+    request_interrupt(False)
+    previous = _install_sigint(request_interrupt)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -534,6 +538,24 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"soteacher {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        request_interrupt(False)
+
+
+def _install_sigint(request_interrupt):
+    """On Ctrl-C: raise ``KeyboardInterrupt`` (Python's default) and also flag the request for
+    the trainers, which check it before every step. Returns the previous handler (``None`` where
+    none can be installed: outside the main thread)."""
+    def on_sigint(signum, frame):
+        request_interrupt()
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:               # not the main thread
+        return None
 
 
 if __name__ == "__main__":

@@ -41,6 +41,17 @@ from .io import (CheckpointError, atomic_torch_save, atomic_write_text, ensure_w
 from .optim import AMP_DTYPES, TrainSettings, build_optimizer, learning_rate
 from .progress import Progress
 
+#: Set by :func:`request_interrupt` (the command line's SIGINT handler); read before every step.
+_INTERRUPT = {"requested": False}
+
+
+def request_interrupt(requested: bool = True) -> None:
+    """Ask every running :class:`Trainer` to stop with ``KeyboardInterrupt`` before its next step
+    (``False`` withdraws the request). The command line calls it on Ctrl-C, besides raising
+    ``KeyboardInterrupt`` at once, so that an interrupt that lands where Python only prints
+    exceptions (a finaliser) still stops the run."""
+    _INTERRUPT["requested"] = bool(requested)
+
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
 METRICS = "metrics.jsonl"
@@ -547,6 +558,10 @@ class Trainer:
         t0 = time.perf_counter() - p["time"]
         for step, (x, y, idx) in enumerate(self._batches(run_epoch, self.step),
                                             start=self.step + 1):
+            if _INTERRUPT["requested"]:
+                # A Ctrl-C whose KeyboardInterrupt Python swallowed (it landed in a finaliser
+                # or a weakref callback, where exceptions are only printed) stops the run here.
+                raise KeyboardInterrupt
             if not self._labels_checked:
                 self._check_labels(y, idx)     # CPU tensors from the loader: no device sync
             x = x.to(self.device, non_blocking=True)
