@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     x = sub.add_parser("experiment", help="a grid of teacher methods x distillers x seeds "
-                                          "(x pairs): results.csv, summary.md and plots")
+                                          "(x pairs): results.csv, summary.md, premise.md and "
+                                          "plots")
     x.add_argument("config", type=Path, nargs="?", default=None,
                    help="experiment YAML: run config keys plus an 'experiment:' section")
     x.add_argument("--out", type=Path, required=True, help="experiment directory")
@@ -322,7 +323,8 @@ def cmd_experiment(args) -> int:
                            plots_dir=args.plots)
         print(rep["summary"])
         print(f"\nresults: {rep['results_csv']} ({len(rep['rows'])} runs); summary: "
-              f"{rep['summary_md']}" + (f"; {len(rep['plots'])} plots in "
+              f"{rep['summary_md']}; premise panel: {rep['premise_md']}"
+              + (f"; {len(rep['plots'])} plots in "
                                         f"{rep['plots'][0].parent}" if rep["plots"] else ""))
 
     run_on_main(report)
