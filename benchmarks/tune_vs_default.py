@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from soteacher.experiment.regimes import t_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,32 +59,14 @@ TINY = {
 }
 TEACHERS = ("tuned", "soteacher", "standard")
 
-# t quantiles (0.975) for 1..30 degrees of freedom; beyond, Fisher's expansion
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
 def paired(a: list[float], b: list[float]) -> dict[str, Any]:
     """Seed-paired ``a - b``: ``n``, ``mean``, 95% t-interval ``low``/``high`` (None for one
     pair) and ``wins`` (pairs where ``a > b``)."""
     d = [x - y for x, y in zip(a, b)]
-    mean = statistics.fmean(d)
-    low = high = None
-    if len(d) > 1:
-        half = t_975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-        low, high = mean - half, mean + half
-    return {"n": len(d), "mean": mean, "low": low, "high": high, "wins": sum(x > 0 for x in d)}
+    ci = t_interval(d)
+    low, high = (ci["lo"], ci["hi"]) if len(d) > 1 else (None, None)
+    return {"n": len(d), "mean": ci["mean"], "low": low, "high": high,
+            "wins": sum(x > 0 for x in d)}
 
 
 def gap_closed(acc: float, standard: float, oracle: float) -> float | None:
@@ -122,7 +105,7 @@ def run_seed(cfg, root: Path, trials: int, proxy: str, log) -> dict[str, Any]:
     """Tune, then the students of the tuned, default SoTeacher, standard (and oracle) teachers."""
     import dataclasses
 
-    from soteacher.data import OracleTeacher
+    from soteacher.data import oracle_teacher
     from soteacher.engine.evaluate import resolve_device
     from soteacher.pipeline import build_data, load_model
     from soteacher.tune import tune
@@ -140,7 +123,7 @@ def run_seed(cfg, root: Path, trials: int, proxy: str, log) -> dict[str, Any]:
         acc[method] = _student(cfg, data, method,
                                lambda m=method: _teacher(cfg, data, m, root, log), root, log)
     if data.truth is not None:
-        acc["oracle"] = _student(cfg, data, "oracle", lambda: OracleTeacher(data.truth), root,
+        acc["oracle"] = _student(cfg, data, "oracle", lambda: oracle_teacher(data.truth), root,
                                  log)
     return {"students_test_acc": acc, "best": {k: best[k] for k in ("number", "value",
                                                                      "settings")}}

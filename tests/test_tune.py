@@ -22,6 +22,7 @@ from soteacher.config import (ConfigError, apply_overrides, config_to_dict,  # n
                               load_config)
 from soteacher.engine.trainer import NonFiniteLossError  # noqa: E402
 from soteacher.experiment import datasets, runs  # noqa: E402
+from soteacher.experiment.regimes import t_quantile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = {
@@ -480,13 +481,13 @@ def _benchmark():
 
 def test_benchmark_paired_interval_and_gap_closed():
     b = _benchmark()
-    # differences 1, 2, 3: mean 2, sample sd 1, t(0.975, 2) = 4.303 -> 2 +- 4.303 / sqrt(3)
+    # differences 1, 2, 3: mean 2, sample sd 1, t(0.975, 2) = 4.3027 -> 2 +- 4.3027 / sqrt(3)
     s = b.paired([1.5, 2.0, 3.5], [0.5, 0.0, 0.5])
     assert s["mean"] == pytest.approx(2.0) and s["n"] == 3 and s["wins"] == 3
-    assert s["low"] == pytest.approx(2 - 2.48434, abs=1e-4)
-    assert s["high"] == pytest.approx(2 + 2.48434, abs=1e-4)
-    assert b.t_975(30) == pytest.approx(2.042, abs=1e-3)
-    assert b.t_975(120) == pytest.approx(1.980, abs=1e-3)
+    assert s["low"] == pytest.approx(2 - 2.48417, abs=1e-4)
+    assert s["high"] == pytest.approx(2 + 2.48417, abs=1e-4)
+    assert t_quantile(30) == pytest.approx(2.042, abs=1e-3)     # the table it reads
+    assert t_quantile(120) == pytest.approx(1.980, abs=1e-3)
     one = b.paired([0.7], [0.6])
     assert one["mean"] == pytest.approx(0.1) and one["low"] is None
     # standard 0.60, oracle 0.70, tuned 0.65: half the gap

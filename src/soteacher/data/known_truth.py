@@ -219,6 +219,10 @@ class KnownTruthTask:
         """p*(y|x), shape (B, num_classes)."""
         return self.log_prob(x).exp()
 
+    def oracle(self) -> "OracleTeacher":
+        """The teacher whose logits are log p*(y|x)."""
+        return OracleTeacher(self)
+
     def bayes_accuracy(self, x: Tensor) -> float:
         """Mean over ``x`` of max_y p*(y|x): the expected accuracy of the Bayes classifier."""
         lp = true_log_prob(x, self.basis, self.means, self.latent_std, self.noise_std)

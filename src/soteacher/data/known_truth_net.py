@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from .augment import RandomRoll
 from .base import DATASETS, ArrayDataset, DataBundle
-from .known_truth import KnownTruthTask, OracleTeacher, _derived_generators
+from .known_truth import _derived_generators
 
 __all__ = ["NetOracleTeacher", "NetTruthTask", "known_truth_net", "net_log_prob",
            "oracle_teacher"]
@@ -244,10 +244,8 @@ class NetOracleTeacher(nn.Module):
 
 def oracle_teacher(truth: Any) -> nn.Module:
     """The teacher whose logits are log p*(y|x) for the known truth ``truth`` of a data set
-    (``DataBundle.truth``): :class:`OracleTeacher` for ``known_truth``, the task's own
-    ``oracle()`` otherwise."""
-    if isinstance(truth, KnownTruthTask):
-        return OracleTeacher(truth)
+    (``DataBundle.truth``): the task's own ``oracle()`` (:class:`OracleTeacher` for
+    ``known_truth``, :class:`NetOracleTeacher` for ``known_truth_net``)."""
     make = getattr(truth, "oracle", None)
     if callable(make):
         return make()
