@@ -12,3 +12,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_grid(teachers, seeds=(0,), distillers=("kd",)) -> dict:
+    """A fresh experiment config of the tiniest grid the experiment tests run: known_truth with
+    100 training samples, teacher cnn1d 8-16 for 2 epochs, student cnn1d_small for 1."""
+    return {
+        "seed": 0,
+        "data": {"name": "known_truth", "val_fraction": 0.0,
+                 "options": {"num_classes": 4, "input_shape": [1, 16], "num_train": 100,
+                             "num_test": 60, "seed": 0}},
+        "teacher": {"model": {"name": "cnn1d", "options": {"widths": [8, 16]}},
+                    "train": {"epochs": 2, "batch_size": 20, "milestones": [],
+                              "eval_every": 0}},
+        "student": {"model": {"name": "cnn1d_small"},
+                    "train": {"epochs": 1, "batch_size": 20, "milestones": [],
+                              "eval_every": 0}},
+        "experiment": {"teachers": list(teachers), "distillers": list(distillers),
+                       "seeds": list(seeds)},
+    }

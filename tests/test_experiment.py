@@ -13,19 +13,9 @@ from soteacher.config import (ConfigError, ExperimentConfig, apply_overrides,
 from soteacher.experiment import (format_summary, mean_std, paired_differences, student_cells,
                                   teacher_variants, validate_experiment)
 from soteacher.experiment.grid import format_value, model_pairs
+from conftest import tiny_grid
 
-GRID = {
-    "seed": 0,
-    "data": {"name": "known_truth", "val_fraction": 0.0,
-             "options": {"num_classes": 4, "input_shape": [1, 16], "num_train": 100,
-                         "num_test": 60, "seed": 0}},
-    "teacher": {"model": {"name": "cnn1d", "options": {"widths": [8, 16]}},
-                "train": {"epochs": 2, "batch_size": 20, "milestones": [], "eval_every": 0}},
-    "student": {"model": {"name": "cnn1d_small"},
-                "train": {"epochs": 1, "batch_size": 20, "milestones": [], "eval_every": 0}},
-    "experiment": {"teachers": ["standard", "soteacher"], "distillers": ["kd"],
-                   "seeds": [0, 1]},
-}
+GRID = tiny_grid(["standard", "soteacher"], seeds=[0, 1])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

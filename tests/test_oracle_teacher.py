@@ -13,18 +13,9 @@ from soteacher.config import ConfigError, load_experiment_config
 from soteacher.data import NetOracleTeacher, RandomFlip, build_dataset
 from soteacher.experiment import run_experiment, validate_experiment, write_report
 from soteacher.experiment.grid import logit_distillers
+from conftest import tiny_grid
 
-GRID = {
-    "seed": 0,
-    "data": {"name": "known_truth", "val_fraction": 0.0,
-             "options": {"num_classes": 4, "input_shape": [1, 16], "num_train": 100,
-                         "num_test": 60, "seed": 0}},
-    "teacher": {"model": {"name": "cnn1d", "options": {"widths": [8, 16]}},
-                "train": {"epochs": 2, "batch_size": 20, "milestones": [], "eval_every": 0}},
-    "student": {"model": {"name": "cnn1d_small"},
-                "train": {"epochs": 1, "batch_size": 20, "milestones": [], "eval_every": 0}},
-    "experiment": {"teachers": ["standard", "oracle"], "distillers": ["kd"], "seeds": [0]},
-}
+GRID = tiny_grid(["standard", "oracle"])
 NET_DATA = {"name": "known_truth_net", "val_fraction": 0.0,
             "options": {"num_classes": 4, "input_shape": [1, 16], "num_train": 100,
                         "num_test": 60, "seed": 0}}

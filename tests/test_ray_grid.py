@@ -17,18 +17,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from soteacher.cli.main import main  # noqa: E402
 from soteacher.config import load_experiment_config  # noqa: E402
 from soteacher.experiment import run_experiment, write_report  # noqa: E402
+from conftest import tiny_grid  # noqa: E402
 
-GRID = {
-    "seed": 0,
-    "data": {"name": "known_truth", "val_fraction": 0.0,
-             "options": {"num_classes": 4, "input_shape": [1, 16], "num_train": 100,
-                         "num_test": 60, "seed": 0}},
-    "teacher": {"model": {"name": "cnn1d", "options": {"widths": [8, 16]}},
-                "train": {"epochs": 2, "batch_size": 20, "milestones": [], "eval_every": 0}},
-    "student": {"model": {"name": "cnn1d_small"},
-                "train": {"epochs": 1, "batch_size": 20, "milestones": [], "eval_every": 0}},
-    "experiment": {"teachers": ["standard", "soteacher"], "distillers": ["kd"], "seeds": [0]},
-}
+GRID = tiny_grid(["standard", "soteacher"])
 TEACHER = "known_truth/cnn1d-cnn1d_small/seed{seed}/teachers/{name}"
 
 
