@@ -218,6 +218,11 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
         assert 0 <= row["student_val_acc"] <= 1 and row["value"] == row["student_val_acc"]
     summary = json.loads((tmp_path / "out" / "trials" / "0" / "summary.json").read_text())
     assert "val_nll" in summary["metrics"] and not [k for k in summary["metrics"] if "test" in k]
+    # the training logs of the trials name the held-out split for what it is: val_*, no test_*
+    logged = [json.loads(line) for log in (tmp_path / "out" / "trials").rglob("metrics.jsonl")
+              for line in log.read_text().splitlines() if line.strip()]
+    assert logged and any("val_acc" in r for r in logged)
+    assert not [k for r in logged for k in r if k.startswith("test")]
 
 
 # ---- outputs -----------------------------------------------------------------------------------

@@ -203,7 +203,8 @@ def _train(cfg, data, model, objective, settings, run_dir, resume, progress, nam
     if run_dir is not None and is_main():       # under torchrun, rank 0 writes the files
         save_config(cfg, run_dir)
     pre = data.preprocess
-    test_eval = (lambda m: evaluate(m, data.test, device=device, prefix="test_", preprocess=pre))
+    test_eval = (lambda m: evaluate(m, data.test, device=device, prefix=f"{data.test_name}_",
+                                         preprocess=pre))
     trainer = Trainer(model, objective, data.train, settings,
                       augment=data.augment if cfg.data.augment else None, device=device,
                       seed=cfg.seed, run_dir=run_dir, resume=resume, evaluate=test_eval,

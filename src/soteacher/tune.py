@@ -13,8 +13,8 @@ on the held-out validation split:
   from training and validation metrics, each with its direction).
 
 The test split is never read: the trials see a copy of the data whose ``test`` slot holds the
-validation split (so the ``test_*`` entries that training logs in a trial's ``metrics.jsonl``
-are validation metrics), and the reports of teachers and students are computed on the training
+validation split, named ``val`` (a trial's ``metrics.jsonl`` logs ``val_acc``, ``val_loss``, ...,
+never a ``test_*`` entry), and the reports of teachers and students are computed on the training
 and validation splits only.
 
 Search space (``tune.space`` in the config overrides the default one key by key; ``null`` removes
@@ -410,7 +410,7 @@ def tuning_data(cfg: Config) -> Any:
     if val is None:
         raise ConfigError("soteacher tune scores teachers on a validation split held out of the "
                           "training set; set data.val_fraction (e.g. 0.1)")
-    return dataclasses.replace(data, test=val)
+    return dataclasses.replace(data, test=val, test_name="val")
 
 
 def _report(model: Any, data: Any, device: Any) -> dict[str, float]:
@@ -432,8 +432,8 @@ def _summary(run_dir: Path, kind: str, settings: Mapping[str, Any],
     atomic_write_json(run_dir / SUMMARY, {
         "format": TRIAL_FORMAT, "kind": kind, "settings": dict(settings),
         "metrics": dict(metrics),
-        "note": "test_* entries of metrics.jsonl are measured on the validation split: the test "
-                "split is not read while tuning"})
+        "note": "the test split is not read while tuning: metrics.jsonl holds training and "
+                "validation (val_*) metrics"})
 
 
 def run_trial(cfg: Config, settings: Mapping[str, Any], proxy: str, run_dir: str | Path, *,

@@ -134,3 +134,6 @@ class DataBundle:
     augment: nn.Module | None
     truth: KnownTruthTask | NetTruthTask | None = None
     preprocess: nn.Module | None = None
+    #: What the ``test`` slot holds: the prefix of its metrics in a run's log (``test_acc``).
+    #: ``soteacher tune`` puts the validation split there and names it ``"val"``.
+    test_name: str = "test"

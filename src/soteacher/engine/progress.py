@@ -37,7 +37,7 @@ class Progress:
     def epoch_end(self, record: dict) -> None:
         if not self.enabled:
             return
-        keys = ("loss", "train_acc", "test_acc", "lr")
+        keys = ("loss", "train_acc", "test_acc", "val_acc", "lr")
         parts = [f"{k} {record[k]:.4g}" for k in keys if k in record]
         line = f"{self.name} epoch {record['epoch']}/{self.total_epochs} " + " ".join(parts) + \
             f" ({record.get('epoch_time', 0):.1f}s)"
