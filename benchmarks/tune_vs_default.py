@@ -18,6 +18,20 @@ again. Markdown tables go to stdout, the numbers to ``OUT/results.json``.
     .venv/bin/python benchmarks/tune_vs_default.py --out runs/bench/tune_vs_default
     .venv/bin/python benchmarks/tune_vs_default.py --tiny --out /tmp/tvd     # a smoke run
 
+``--tune-once`` runs one study, on seed 0's split, and trains every seed's tuned teacher with
+the settings it chose (what a user does: tune once, then train with the result); without it
+every seed has its own study (how reliable the selection itself is). The trials can run on
+Ray (``--backend ray``), and seeds can be shared among processes (``--first-seed``): each seed
+writes ``OUT/<data>/seed<S>/result.json``, and the tables cover every seed finished so far
+(``--report-only`` rewrites them). The known_truth_long goal, 10 paired seeds:
+
+    .venv/bin/python benchmarks/tune_vs_default.py --datasets known_truth_long --tune-once \
+        --seeds 1 --backend ray --out runs/bench/tvd_ktl          # the study, 2 trials at once
+    .venv/bin/python benchmarks/tune_vs_default.py --datasets known_truth_long --tune-once \
+        --seeds 5 --first-seed 0 --threads 1 --out runs/bench/tvd_ktl &   # and, beside it,
+    .venv/bin/python benchmarks/tune_vs_default.py --datasets known_truth_long --tune-once \
+        --seeds 5 --first-seed 5 --threads 1 --out runs/bench/tvd_ktl
+
 Full scale is 4 data sets x seeds x (trials + 2 teachers and 3-4 students): with the defaults
 (3 seeds, 20 trials of a teacher and a student each) several hundred teacher trainings, many
 CPU-core hours; it has not been run at that scale here.
@@ -33,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from soteacher.experiment.regimes import t_interval
+from soteacher.experiment.regimes import bootstrap_ratio, t_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,24 +115,62 @@ def _teacher(cfg, data, method: str, root: Path, log):
     return run_teacher(cfg, data, run_dir, method=method, options={}, progress=False)
 
 
-def run_seed(cfg, root: Path, trials: int, proxy: str, log) -> dict[str, Any]:
-    """Tune, then the students of the tuned, default SoTeacher, standard (and oracle) teachers."""
+def default_soteacher(cfg):
+    """``cfg`` with the default SoTeacher teacher: the method's own defaults, whatever the
+    config's options."""
     import dataclasses
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, method="soteacher",
+                                                                options={}))
 
+
+def study(cfg, out: Path, trials: int, proxy: str, backend: str, log) -> dict[str, Any]:
+    """The best trial of the study in ``out`` (run, or continued, until ``trials`` completed)."""
+    from soteacher.tune import tune
+    done = out / "tune.json"
+    if done.is_file():              # finished: read it back without taking the study's lock
+        result = json.loads(done.read_text())
+        if result["completed"] >= trials and result["best"] is not None:
+            return result["best"]
+    result = tune(default_soteacher(cfg), out, n_trials=trials, proxy=proxy, backend=backend,
+                  log=lambda m: log(f"tune: {m}"))
+    if result["best"] is None:
+        raise RuntimeError(f"no trial completed in {out}")
+    return result["best"]
+
+
+def _tuned_teacher(cfg, data, settings: dict, root: Path, log):
+    """This seed's teacher trained with a shared study's chosen ``settings``."""
+    from soteacher.pipeline import load_model, prepare_run_dir, run_teacher
+    from soteacher.tune import trial_config
+    run_dir = root / "teacher_tuned"
+    if (run_dir / "model.pt").is_file():
+        return load_model(run_dir)
+    log(f"tuned teacher ({settings})")
+    tcfg = trial_config(cfg, settings)
+    run_dir = prepare_run_dir(run_dir, overwrite=True)
+    return run_teacher(tcfg, data, run_dir, method=tcfg.teacher.method,
+                       options=tcfg.teacher.options, progress=False)
+
+
+def run_seed(cfg, root: Path, trials: int, proxy: str, log, *, best: dict | None = None,
+             backend: str = "local") -> dict[str, Any]:
+    """Tune, then the students of the tuned, default SoTeacher, standard (and oracle) teachers.
+
+    ``best``: the best trial of a study shared by every seed, whose settings train this seed's
+    tuned teacher; ``None``: this seed's own study (in ``root/tune``), whose best teacher is the
+    tuned one."""
     from soteacher.data import oracle_teacher
     from soteacher.engine.evaluate import resolve_device
     from soteacher.pipeline import build_data, load_model
-    from soteacher.tune import tune
-    # the default SoTeacher teacher: the method's own defaults, whatever the config's options
-    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, method="soteacher",
-                                                               options={}))
-    result = tune(cfg, root / "tune", n_trials=trials, proxy=proxy, log=lambda m: log(f"tune: {m}"))
-    best = result["best"]
-    if best is None:
-        raise RuntimeError(f"no trial completed in {root / 'tune'}")
+    cfg = default_soteacher(cfg)
     data = build_data(cfg)          # the trials' training split; the test split for the students
     device = resolve_device(cfg.device)
-    acc = {"tuned": _student(cfg, data, "tuned", lambda: load_model(best["run_dir"]).to(device), root, log)}
+    if best is None:
+        best = study(cfg, root / "tune", trials, proxy, backend, log)
+        tuned = lambda: load_model(best["run_dir"]).to(device)     # noqa: E731
+    else:
+        tuned = lambda: _tuned_teacher(cfg, data, best["settings"], root, log)  # noqa: E731
+    acc = {"tuned": _student(cfg, data, "tuned", tuned, root, log)}
     for method in ("soteacher", "standard"):
         acc[method] = _student(cfg, data, method,
                                lambda m=method: _teacher(cfg, data, m, root, log), root, log)
@@ -142,6 +194,10 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         m = out["mean_test_acc"]
         out["gap_closed"] = {n: gap_closed(m[n], m["standard"], m["oracle"])
                              for n in ("tuned", "soteacher")}
+        gaps = [o - s for o, s in zip(acc["oracle"], acc["standard"])]
+        out["gap_closed_interval"] = {
+            n: bootstrap_ratio([a - s for a, s in zip(acc[n], acc["standard"])], gaps)
+            for n in ("tuned", "soteacher")}
     return out
 
 
@@ -154,7 +210,8 @@ def _pct(x: float | None, signed: bool = False) -> str:
 def table(results: dict[str, Any], proxy: str) -> str:
     head = ["data", "seeds", "tuned %", "SoTeacher %", "standard %", "oracle %",
             "tuned - SoTeacher (points, 95% CI, seeds ahead)",
-            "tuned - standard (points, 95% CI, seeds ahead)", "gap closed: tuned / SoTeacher"]
+            "tuned - standard (points, 95% CI, seeds ahead)",
+            "gap closed: tuned / SoTeacher (paired bootstrap 95%)"]
     lines = [f"Students' test accuracy (KD); teacher tuned by `{proxy}` on the validation split",
              "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for ds, r in results.items():
@@ -164,9 +221,15 @@ def table(results: dict[str, Any], proxy: str) -> str:
             ci = (f" [{_pct(p['low'], True)}, {_pct(p['high'], True)}]"
                   if p["low"] is not None else "")
             return f"{_pct(p['mean'], True)}{ci} ({p['wins']}/{p['n']})"
-        gap = r.get("gap_closed")
-        gap_text = (" / ".join("-" if gap[n] is None else f"{gap[n]:.2f}"
-                               for n in ("tuned", "soteacher")) if gap else "-")
+        gap, ci = r.get("gap_closed"), r.get("gap_closed_interval") or {}
+
+        def closed(n: str) -> str:
+            if gap[n] is None:
+                return "-"
+            lo, hi = ci.get(n, {}).get("lo"), ci.get(n, {}).get("hi")
+            return f"{gap[n]:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None
+                                      and lo == lo else "")
+        gap_text = " / ".join(closed(n) for n in ("tuned", "soteacher")) if gap else "-"
         lines.append("| " + " | ".join([
             ds, str(len(r["seeds"])), _pct(m["tuned"]), _pct(m["soteacher"]),
             _pct(m["standard"]), _pct(m.get("oracle")), diff(r["tuned_vs_soteacher"]),
@@ -192,7 +255,14 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "teacher_methods.yaml")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "tune_vs_default")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=3, help="N seeds, from --first-seed")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--tune-once", action="store_true",
+                   help="one study (seed 0's split) whose choice trains every seed's teacher")
+    p.add_argument("--backend", default="local", choices=("local", "ray"),
+                   help="where the study's trials run")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the tables from the seeds finished in --out; train nothing")
     p.add_argument("--trials", type=int, default=20, help="completed trials per study")
     p.add_argument("--proxy", default="student_val_acc", choices=proxy_names())
     p.add_argument("--device", default=None)
@@ -219,13 +289,24 @@ def main() -> None:
         if args.device:
             overrides.append(f"device={args.device}")
         cfg = apply_overrides(base, overrides + args.overrides, notes=[])
-        per_seed = {}
-        for seed in range(args.seeds):
+        seeds = [] if args.report_only else range(args.first_seed,
+                                                   args.first_seed + args.seeds)
+        best = None
+        if args.tune_once and seeds:
+            log(f"== {ds}, the study (seed 0's split)")
+            best = study(apply_overrides(cfg, ["seed=0"], notes=[]), args.out / ds / "tune",
+                         args.trials, args.proxy, args.backend, lambda m: log(f"{ds}: {m}"))
+        for seed in seeds:
             log(f"== {ds}, seed {seed}")
-            per_seed[seed] = run_seed(apply_overrides(cfg, [f"seed={seed}"], notes=[]),
-                                      args.out / ds / f"seed{seed}", args.trials, args.proxy,
-                                      lambda m, ds=ds, s=seed: log(f"{ds} seed {s}: {m}"))
-        results[ds] = {**summarise(per_seed), "per_seed": per_seed}
+            result = run_seed(apply_overrides(cfg, [f"seed={seed}"], notes=[]),
+                              args.out / ds / f"seed{seed}", args.trials, args.proxy,
+                              lambda m, ds=ds, s=seed: log(f"{ds} seed {s}: {m}"),
+                              best=best, backend=args.backend)
+            atomic_write_json(args.out / ds / f"seed{seed}" / "result.json", result)
+        per_seed = {int(f.parent.name[4:]): json.loads(f.read_text())
+                    for f in (args.out / ds).glob("seed*/result.json")}
+        if per_seed:
+            results[ds] = {**summarise(per_seed), "per_seed": per_seed}
     text = table(results, args.proxy)
     atomic_write_json(args.out / "results.json",
                       {"proxy": args.proxy, "trials": args.trials, "tiny": args.tiny,
