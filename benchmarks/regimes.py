@@ -18,11 +18,16 @@ Runs go on Ray with ``--workers`` one-CPU workers when Ray is installed (``--bac
 else one after another in this process. The run count and the CPU time are estimated and
 printed before anything starts (``--dry-run`` stops there); finished runs are skipped when the
 script is started again, so it can be stopped and restarted at any time.
+``--previous CSV`` takes the runs of an earlier map of the same spec (its ``results.csv``, e.g.
+the committed ``docs/regimes/results.csv``): an experiment whose every run it holds is not run
+again (typically the base, shared by every factor), and its rows enter the report wherever
+``--out`` has no run of the same name.
 
     .venv/bin/python benchmarks/regimes.py --dry-run                 # the plan and its cost
     .venv/bin/python benchmarks/regimes.py                           # all factors, 10 seeds
     .venv/bin/python benchmarks/regimes.py --factors num_train separation --seeds 5
     .venv/bin/python benchmarks/regimes.py --report-only             # remake docs/regimes/
+    .venv/bin/python benchmarks/regimes.py --factors num_train --previous docs/regimes/results.csv
     .venv/bin/python benchmarks/regimes.py --tiny                    # toy scale, a few minutes
 """
 
@@ -485,6 +490,19 @@ def run_plan(plan: Plan, out: Path, backend: str, workers: int,
     return failures
 
 
+def covered_by(plan: Plan, out: Path, previous: Sequence[dict[str, Any]]) -> list[str]:
+    """The experiments of ``plan`` whose every run has a row in ``previous``."""
+    from soteacher.experiment.report import run_key
+    have = {run_key(r) for r in previous}
+    names = []
+    for name, cfg in plan.experiments.items():
+        _, runs = plan_grid(cfg, out)
+        if runs and all(run_key({**r.meta, "distiller": r.meta.get("distiller")}) in have
+                        for r in runs):
+            names.append(name)
+    return names
+
+
 # ---- the report ----------------------------------------------------------------------------------
 def intro_lines(spec: Spec, plan: Plan, args: argparse.Namespace, est: dict | None,
                 measured: float, failures: list[dict]) -> list[str]:
@@ -567,6 +585,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the local backend (Ray runs use one each)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--previous", type=Path, default=None, metavar="CSV",
+                   help="results.csv of an earlier map of this spec: experiments it covers are "
+                        "not rerun and its rows enter the report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the base config, e.g. --set teacher.train.epochs=30")
     args = p.parse_args(argv)
@@ -585,23 +606,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(n)
     backend = resolve_backend(args.backend)
     workers = args.workers or spec.workers
+    from soteacher.experiment.report import collect_rows, merge_rows, read_results_csv
+    previous = read_results_csv(args.previous) if args.previous else []
+    skip = covered_by(plan, out, previous)
+    for name in skip:
+        log(f"{name}: every run is in {args.previous}; not run again")
+    todo = dataclasses.replace(plan, experiments={n: c for n, c in plan.experiments.items()
+                                                  if n not in skip})
     est = None
     failures: list[dict] = []
     failures_file = out / "failures.json"
     if not args.report_only:
-        est = estimate(plan, out, spec.cost)
+        est = estimate(todo, out, spec.cost)
         print(format_estimate(est, workers, backend), file=sys.stderr, flush=True)
         if args.dry_run:
             return {"plan": plan, "estimate": est}
         if args.threads and backend == "local":
             from soteacher.engine.threads import set_threads
             set_threads(args.threads)
-        failures = run_plan(plan, out, backend, workers, log)
+        failures = run_plan(todo, out, backend, workers, log)
         atomic_write_json(failures_file, failures)
     elif failures_file.is_file():
         failures = json.loads(failures_file.read_text())
-    from soteacher.experiment.report import collect_rows
-    rows = collect_rows(out)
+    rows = merge_rows(collect_rows(out), previous)
     measured = measured_seconds(out)
     result = write_regimes(rows, plan.cells, plan.factors, docs, metric=spec.metric,
                            plots=not args.no_plots,

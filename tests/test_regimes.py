@@ -302,3 +302,21 @@ def test_the_tiny_benchmark_end_to_end(tmp_path, capsys):
                         str(tmp_path / "docs2"), "--report-only", "--no-plots", "--factors",
                         "num_train", "consistency_weight"])
     assert [s["gain"] for s in again["stats"]] == [s["gain"] for s in stats]
+    # a fresh --out with the first map's results.csv as --previous: the experiments it covers
+    # (all of them) are not run again, and the report has the same numbers
+    fresh = tmp_path / "fresh"
+    third = bench.main(["--config", str(_tiny_config(tmp_path)), "--out", str(fresh), "--docs",
+                        str(tmp_path / "docs3"), "--backend", "local", "--no-plots",
+                        "--factors", "num_train", "consistency_weight",
+                        "--previous", str(docs / "results.csv")])
+    assert "not run again" in capsys.readouterr().err
+    assert not list(fresh.rglob("summary.json"))
+    assert [s["gain"] for s in third["stats"]] == [s["gain"] for s in stats]
+    # with a factor the CSV does not cover, only that factor's experiment runs
+    fourth = bench.main(["--config", str(_tiny_config(tmp_path)), "--out", str(fresh),
+                         "--docs", str(tmp_path / "docs4"), "--backend", "local", "--no-plots",
+                         "--threads", "1", "--factors", "num_train", "teacher_widths",
+                         "--previous", str(docs / "results.csv")])
+    ran = {p.relative_to(fresh).parts[0] for p in fresh.rglob("summary.json")}
+    assert ran == {"known_truth.teacher_widths=6"}
+    assert [s["gain"] for s in fourth["stats"]][:2] == [s["gain"] for s in stats][:2]

@@ -106,7 +106,8 @@ def read_results_csv(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_key(row: dict[str, Any]) -> tuple:
+def run_key(row: dict[str, Any]) -> tuple:
+    """What names a run across result tables: kind, data, pair, teacher, distiller, seed."""
     return (row["kind"], row["dataset"], row["pair"], row["teacher"], row["distiller"] or None,
             int(row["seed"]))
 
@@ -115,8 +116,8 @@ def merge_rows(rows: Sequence[dict[str, Any]],
                previous: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``rows`` plus the rows of ``previous`` for runs that ``rows`` does not have (same kind,
     data, pair, teacher, distiller and seed): a partial rerun keeps the older runs' results."""
-    have = {_run_key(r) for r in rows}
-    merged = list(rows) + [r for r in previous if _run_key(r) not in have]
+    have = {run_key(r) for r in rows}
+    merged = list(rows) + [r for r in previous if run_key(r) not in have]
     merged.sort(key=lambda r: (str(r["dataset"]), str(r["pair"]), r["kind"] != "teacher",
                                str(r["teacher"]), str(r["distiller"] or ""), int(r["seed"])))
     return merged
