@@ -1,5 +1,5 @@
 """Every teacher-training method x KD, DKD and FitNet x 5 seeds on known_truth, mnist1d and
-digits: results.csv, summary.md and figures, all copied to ``docs/teacher_methods/``.
+digits: results.csv, summary.md, premise.md and figures, all copied to ``docs/teacher_methods/``.
 
 The grid is ``benchmarks/teacher_methods.yaml`` (the known-truth settings); mnist1d keeps its
 models (on 2,000 generated sequences, half for training) and digits swaps in 2-D CNNs. All runs
@@ -176,7 +176,7 @@ def main() -> None:
         previous = [r for r in previous if str(r.get(column)) != value]
     report = write_report(args.out, baseline=baseline, plots_dir=args.plots, previous=previous)
     args.plots.mkdir(parents=True, exist_ok=True)
-    for name in ("summary_md", "results_csv"):     # the tables go with the figures
+    for name in ("summary_md", "results_csv", "premise_md"):    # the tables go with the figures
         shutil.copyfile(report[name], args.plots / Path(report[name]).name)
     table = overview(report["rows"], baseline, _names(cfg.experiment.teachers),
                      _names(cfg.experiment.distillers))
