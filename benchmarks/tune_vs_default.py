@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -124,17 +125,28 @@ def default_soteacher(cfg):
 
 
 def study(cfg, out: Path, trials: int, proxy: str, backend: str, log) -> dict[str, Any]:
-    """The best trial of the study in ``out`` (run, or continued, until ``trials`` completed)."""
+    """The best trial of the study in ``out`` (run, or continued, until ``trials`` completed).
+
+    Its choice is kept in ``out/chosen.json`` with the config, proxy and number of trials it was
+    made for, so that processes sharing a finished study read it without taking the study's
+    lock; a file made for anything else is ignored, and ``tune`` (which refuses a study of
+    another config) decides."""
+    from soteacher.config import config_to_dict
+    from soteacher.engine.io import atomic_write_json
     from soteacher.tune import tune
-    done = out / "tune.json"
-    if done.is_file():              # finished: read it back without taking the study's lock
-        result = json.loads(done.read_text())
-        if result["completed"] >= trials and result["best"] is not None:
-            return result["best"]
-    result = tune(default_soteacher(cfg), out, n_trials=trials, proxy=proxy, backend=backend,
+    cfg = default_soteacher(cfg)
+    key = json.loads(json.dumps({"config": config_to_dict(cfg), "proxy": proxy,
+                                 "trials": trials}))
+    chosen = out / "chosen.json"
+    if chosen.is_file():
+        saved = json.loads(chosen.read_text())
+        if saved.get("for") == key:
+            return saved["best"]
+    result = tune(cfg, out, n_trials=trials, proxy=proxy, backend=backend,
                   log=lambda m: log(f"tune: {m}"))
     if result["best"] is None:
         raise RuntimeError(f"no trial completed in {out}")
+    atomic_write_json(chosen, {"for": key, "best": result["best"]})
     return result["best"]
 
 
@@ -227,8 +239,8 @@ def table(results: dict[str, Any], proxy: str) -> str:
             if gap[n] is None:
                 return "-"
             lo, hi = ci.get(n, {}).get("lo"), ci.get(n, {}).get("hi")
-            return f"{gap[n]:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None
-                                      and lo == lo else "")
+            known = lo is not None and not math.isnan(lo)     # nan: fewer than two seeds
+            return f"{gap[n]:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if known else "")
         gap_text = " / ".join(closed(n) for n in ("tuned", "soteacher")) if gap else "-"
         lines.append("| " + " | ".join([
             ds, str(len(r["seeds"])), _pct(m["tuned"]), _pct(m["soteacher"]),
