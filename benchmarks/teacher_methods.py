@@ -33,7 +33,7 @@ import torch
 from soteacher.config import load_experiment_config
 from soteacher.engine.allocator import tune_cpu_allocator
 from soteacher.experiment import run_experiment, write_report
-from soteacher.experiment.report import read_results_csv, student_cells, teacher_cells
+from soteacher.experiment.report import read_previous, student_cells, teacher_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,17 +141,30 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing; remake the report from --out (and --previous)")
-    p.add_argument("--previous", type=Path, default=None, metavar="CSV",
-                   help="a results.csv of an earlier full run: its rows fill in the runs this "
+    p.add_argument("--previous", type=Path, action="append", default=[], metavar="CSV",
+                   help="a results.csv of an earlier run: its rows fill in the runs this "
                         "invocation does not (re)run, e.g. after rerunning only the FitNet "
-                        "students with --set 'experiment.distillers=[fitnet]'")
-    p.add_argument("--drop-previous", action="append", default=[], metavar="COLUMN=VALUE",
-                   help="leave out the --previous rows whose COLUMN equals VALUE (runs whose "
-                        "method changed and that were not rerun); repeatable")
+                        "students with --set 'experiment.distillers=[fitnet]'; repeatable, "
+                        "a run found in several takes the first CSV's row")
+    p.add_argument("--drop-previous", action="append", default=[],
+                   metavar="COLUMN=VALUE[,COLUMN=VALUE...]",
+                   help="leave out the --previous rows whose every COLUMN equals its VALUE (runs "
+                        "whose method changed and that were not rerun), e.g. "
+                        "'dataset=mnist1d,distiller=fitnet'; repeatable")
     args = p.parse_args()
     tune_cpu_allocator()                # as the soteacher command does (see engine/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
+    drop = []
+    for rule in args.drop_previous:
+        terms = [term.partition("=") for term in rule.split(",")]
+        if not all(col and eq for col, eq, _ in terms):
+            p.error(f"--drop-previous {rule!r}: give COLUMN=VALUE terms joined by commas")
+        drop.append({col: value for col, _, value in terms})
+    try:                                        # before anything runs: a rule must name columns
+        previous = read_previous(args.previous, drop)
+    except (OSError, ValueError) as e:
+        p.error(f"--previous / --drop-previous: {e}")
     t0 = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", file=sys.stderr,
                             flush=True)
@@ -170,10 +183,6 @@ def main() -> None:
             continue
         log(f"== {ds}")
         run_experiment(cfg, args.out, log=lambda m, ds=ds: log(f"{ds} {m}"))
-    previous = read_results_csv(args.previous) if args.previous else []
-    for rule in args.drop_previous:
-        column, _, value = rule.partition("=")
-        previous = [r for r in previous if str(r.get(column)) != value]
     report = write_report(args.out, baseline=baseline, plots_dir=args.plots, previous=previous)
     args.plots.mkdir(parents=True, exist_ok=True)
     for name in ("summary_md", "results_csv", "premise_md"):    # the tables go with the figures

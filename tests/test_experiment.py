@@ -231,6 +231,33 @@ def test_results_csv_round_trip_and_partial_rerun_merge(tmp_path):
     assert [r["kind"] for r in merged] == ["teacher", "student", "student"]
 
 
+def test_previous_rows_first_csv_wins_and_drop_rules_need_every_column(tmp_path):
+    from soteacher.experiment.report import read_previous, write_results_csv
+
+    def row(dataset, teacher, distiller, acc):
+        return {"kind": "student", "dataset": dataset, "pair": "a-b", "teacher": teacher,
+                "teacher_method": teacher, "teacher_options": None, "distiller": distiller,
+                "distiller_method": distiller, "distiller_options": None, "seed": 0,
+                "teacher_dir": "t", "student_dir": "s", "student_test_acc": acc}
+
+    rerun = [row("d1", "crl", "fitnet", 0.9)]
+    old = [row("d1", "crl", "fitnet", 0.1), row("d1", "lip", "fitnet", 0.2),
+           row("d1", "lip", "kd", 0.3), row("d2", "lip", "fitnet", 0.4)]
+    write_results_csv(rerun, tmp_path / "rerun.csv")
+    write_results_csv(old, tmp_path / "old.csv")
+    rows = read_previous([tmp_path / "rerun.csv", tmp_path / "old.csv"])
+    assert sorted((r["dataset"], r["teacher"], r["distiller"], r["student_test_acc"])
+                  for r in rows) == [("d1", "crl", "fitnet", 0.9), ("d1", "lip", "fitnet", 0.2),
+                                     ("d1", "lip", "kd", 0.3), ("d2", "lip", "fitnet", 0.4)]
+    # a rule drops the rows matching all of its columns, nothing else
+    kept = read_previous([tmp_path / "rerun.csv", tmp_path / "old.csv"],
+                         drop=[{"dataset": "d1", "teacher": "lip", "distiller": "fitnet"}])
+    assert sorted(r["student_test_acc"] for r in kept) == [0.3, 0.4, 0.9]
+    kept = read_previous([tmp_path / "old.csv"], drop=[{"seed": "0", "distiller": "kd"}])
+    assert sorted(r["student_test_acc"] for r in kept) == [0.1, 0.2, 0.4]
+    with pytest.raises(ValueError, match="no column distiler"):
+        read_previous([tmp_path / "old.csv"], drop=[{"distiler": "kd"}])
+
 # ---- backends, locks and progress, without Ray ----------------------------------------------------
 def test_execution_keys_are_checked_before_anything_runs():
     from soteacher.experiment.grid import run_resources

@@ -123,6 +123,26 @@ def merge_rows(rows: Sequence[dict[str, Any]],
     return merged
 
 
+def read_previous(paths: Sequence[str | Path],
+                  drop: Sequence[dict[str, str]] = ()) -> list[dict[str, Any]]:
+    """The rows of earlier ``results.csv`` files, for ``write_report(previous=...)``: a run that
+    several hold takes the first file's row; a row whose every column named in one of the
+    ``drop`` rules equals the rule's value (compared as text) is left out, e.g.
+    ``{"dataset": "mnist1d", "distiller": "fitnet"}`` for runs made stale by a change and not
+    rerun. A rule naming a column the files do not have is an error, not a silent no-op."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows = merge_rows(rows, read_results_csv(path))
+    columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    for rule in drop:
+        unknown = sorted(set(rule) - columns)
+        if rows and unknown:
+            raise ValueError(f"drop rule {rule}: no column {', '.join(unknown)} in "
+                             f"{', '.join(map(str, paths))}; columns: {', '.join(sorted(columns))}")
+        rows = [r for r in rows if any(str(r.get(k)) != str(v) for k, v in rule.items())]
+    return rows
+
+
 # ---- markdown ----------------------------------------------------------------------------------
 _PERCENT = ("acc", "agreement")
 _LABELS = {"test_acc": "test acc %", "test_nll": "test NLL", "test_ece": "test ECE",
