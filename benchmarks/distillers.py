@@ -6,7 +6,8 @@ config's; CRD uses ``nce_k=1024`` negatives, as its default of 16384 exceeds the
 sets and makes every step contrast against the whole set). A method that cannot pair the two
 networks (e.g. FSP needs equal channel numbers) is reported as not applicable. Prints a markdown
 table of student test accuracy (mean +- std over seeds) and writes ``OUT/results.json``.
-Finished runs are skipped when the script is run again.
+Finished runs are skipped when the script is run again; processes given different
+``--first-seed`` share ``--out`` (a run that another live process is training is an error, never trained twice).
 
     .venv/bin/python benchmarks/distillers.py --seeds 3 --out runs/bench/distillers
 """
@@ -25,6 +26,8 @@ from soteacher.config import apply_overrides, load_config
 from soteacher.distillers import list_distillers
 from soteacher.engine.allocator import tune_cpu_allocator
 from soteacher.engine.evaluate import evaluate
+from soteacher.engine.io import atomic_write_json
+from soteacher.experiment.lock import RunLock
 from soteacher.pipeline import build_data, load_model, run_student, run_teacher
 
 METHOD_OPTIONS = {"crd": ["distill.options={nce_k: 1024}"]}
@@ -60,9 +63,11 @@ def main() -> None:
                 tdir = root / f"teacher_{tm}"
                 if not (tdir / "model.pt").is_file():
                     tdir.mkdir(parents=True, exist_ok=True)
-                    run_teacher(cfg, data, tdir, method=tm,
-                                options=cfg.teacher.options if tm == "soteacher" else {},
-                                progress=False)
+                    with RunLock(tdir / ".lock"):         # processes sharing --out: one trains each run
+                        if not (tdir / "model.pt").is_file():
+                            run_teacher(cfg, data, tdir, method=tm,
+                                        options=cfg.teacher.options if tm == "soteacher" else {},
+                                        progress=False)
                 teachers[tm] = load_model(tdir)
                 acc = evaluate(teachers[tm], data.test)["acc"]
                 results.setdefault(ds, {}).setdefault("teacher", {}).setdefault(tm, []).append(acc)
@@ -75,12 +80,15 @@ def main() -> None:
                     summary = sdir / "summary.json"
                     if not summary.is_file():
                         sdir.mkdir(parents=True, exist_ok=True)
-                        try:
-                            student = run_student(mcfg, data, teacher, sdir, progress=False)
-                        except ValueError as e:
-                            results[ds].setdefault("not applicable", {})[method] = str(e)
-                            break
-                        summary.write_text(json.dumps(evaluate(student, data.test)))
+                        with RunLock(sdir / ".lock"):
+                            try:
+                                if not summary.is_file():
+                                    student = run_student(mcfg, data, teacher, sdir,
+                                                          progress=False)
+                                    atomic_write_json(summary, evaluate(student, data.test))
+                            except ValueError as e:
+                                results[ds].setdefault("not applicable", {})[method] = str(e)
+                                break
                     acc = json.loads(summary.read_text())["acc"]
                     results[ds].setdefault(method, {}).setdefault(tm, []).append(acc)
                 print(f"[{time.perf_counter() - t0:6.0f}s] {ds} seed {seed} {method} done",

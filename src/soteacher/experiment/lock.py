@@ -48,7 +48,8 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """``with RunLock(run_dir, owner):`` holds ``run_dir/.lock`` for the block (see module doc).
+    """``with RunLock(run_dir / ".lock", owner):`` holds that lock file for the block (see
+    module doc); ``path`` is the lock file itself, not the run directory.
 
     ``owner``: a token shared by every attempt of one task (default: unique to this lock)."""
 
