@@ -7,7 +7,8 @@ sets and makes every step contrast against the whole set). A method that cannot 
 networks (e.g. FSP needs equal channel numbers) is reported as not applicable. Prints a markdown
 table of student test accuracy (mean +- std over seeds) and writes ``OUT/results.json``.
 Finished runs are skipped when the script is run again; processes given different
-``--first-seed`` share ``--out`` (a run that another live process is training is an error, never trained twice).
+``--first-seed`` share ``--out`` (a run that another live process is training is an error,
+never trained twice).
 
     .venv/bin/python benchmarks/distillers.py --seeds 3 --out runs/bench/distillers
 """
@@ -27,6 +28,7 @@ from soteacher.distillers import list_distillers
 from soteacher.engine.allocator import tune_cpu_allocator
 from soteacher.engine.evaluate import evaluate
 from soteacher.engine.io import atomic_write_json
+from soteacher.experiment.layout import LOCK
 from soteacher.experiment.lock import RunLock
 from soteacher.pipeline import build_data, load_model, run_student, run_teacher
 
@@ -63,7 +65,7 @@ def main() -> None:
                 tdir = root / f"teacher_{tm}"
                 if not (tdir / "model.pt").is_file():
                     tdir.mkdir(parents=True, exist_ok=True)
-                    with RunLock(tdir / ".lock"):         # processes sharing --out: one trains each run
+                    with RunLock(tdir / LOCK):  # processes sharing --out: one trains a run
                         if not (tdir / "model.pt").is_file():
                             run_teacher(cfg, data, tdir, method=tm,
                                         options=cfg.teacher.options if tm == "soteacher" else {},
@@ -80,7 +82,7 @@ def main() -> None:
                     summary = sdir / "summary.json"
                     if not summary.is_file():
                         sdir.mkdir(parents=True, exist_ok=True)
-                        with RunLock(sdir / ".lock"):
+                        with RunLock(sdir / LOCK):
                             try:
                                 if not summary.is_file():
                                     student = run_student(mcfg, data, teacher, sdir,

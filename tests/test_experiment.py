@@ -258,6 +258,7 @@ def test_previous_rows_first_csv_wins_and_drop_rules_need_every_column(tmp_path)
     with pytest.raises(ValueError, match="no column distiler"):
         read_previous([tmp_path / "old.csv"], drop=[{"distiler": "kd"}])
 
+
 # ---- backends, locks and progress, without Ray ----------------------------------------------------
 def test_execution_keys_are_checked_before_anything_runs():
     from soteacher.experiment.grid import run_resources
