@@ -1,7 +1,13 @@
 """Shared test fixtures."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +37,14 @@ def tiny_grid(teachers, seeds=(0,), distillers=("kd",)) -> dict:
         "experiment": {"teachers": list(teachers), "distillers": list(distillers),
                        "seeds": list(seeds)},
     }
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (registered as ``<name>_bench``), for
+    tests of its functions."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

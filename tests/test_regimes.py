@@ -3,30 +3,22 @@ report files, and benchmarks/regimes.py end to end on a tiny grid."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from soteacher.config import ConfigError
 from soteacher.experiment.regimes import (Cell, Factor, bootstrap_ratio, cell_stats,
                                           factor_sentence, format_regimes_report, regime_stats,
                                           seed_values, t_interval, t_quantile, verdict,
                                           write_regimes)
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("regimes_bench", ROOT / "benchmarks" /
-                                                  "regimes.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["regimes_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("regimes")
 
 
 def _rows(values: dict[str, list[float]], dataset: str = "d", distiller: str = "kd",

@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("teacher_methods_bench", ROOT / "benchmarks" /
-                                                  "teacher_methods.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["teacher_methods_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def _rows(dataset: str, teachers: dict[str, tuple[list[float], list[float]]]) -> list[dict]:
@@ -32,7 +19,7 @@ def _rows(dataset: str, teachers: dict[str, tuple[list[float], list[float]]]) ->
 
 
 def test_overview_pairs_with_the_baseline_and_survives_a_data_set_without_it():
-    bench = _bench()
+    bench = load_benchmark("teacher_methods")
     rows = (_rows("full", {"soteacher": ([0.60, 0.62], [0.55, 0.51]),
                            "standard": ([0.58, 0.60], [0.50, 0.52])})
             # a partial rerun: this data set has no standard teacher

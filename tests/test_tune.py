@@ -2,12 +2,10 @@
 and rejects bad input with the fix; trials of a few epochs on tiny known-truth data."""
 
 import csv
-import importlib.util
 import json
 import shlex
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +20,9 @@ from soteacher.config import (ConfigError, apply_overrides, config_to_dict,  # n
                               load_config)
 from soteacher.engine.trainer import NonFiniteLossError  # noqa: E402
 from soteacher.experiment import datasets, runs  # noqa: E402
+from conftest import load_benchmark  # noqa: E402
 from soteacher.experiment.regimes import t_quantile  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 CFG = {
     "seed": 0,
     "data": {"name": "known_truth", "val_fraction": 0.2,
@@ -477,11 +475,7 @@ def test_cli_tune(tmp_path, capsys):
 
 # ---- the benchmark's statistics ----------------------------------------------------------------
 def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "tune_vs_default", ROOT / "benchmarks" / "tune_vs_default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tune_vs_default")
 
 
 def test_benchmark_paired_interval_and_gap_closed():
