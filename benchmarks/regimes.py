@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "benchmarks" / "regimes.yaml"
 X_KINDS = ("value", "bayes_error", "teacher_params", "index")
 FACTOR_KEYS = {"label", "x_label", "key", "option", "values", "tiny_values", "log", "x", "hold",
+               "min_epochs",
                "families"}
 
 
@@ -74,6 +75,8 @@ class FactorSpec:
     x: str = "value"
     hold: str = "epochs"
     families: tuple[str, ...] | None = None
+    #: with ``hold: steps``, the fewest epochs the teacher and the student get, whatever the size
+    min_epochs: tuple[tuple[str, int], ...] = ()
 
     @property
     def factor(self) -> Factor:
@@ -141,10 +144,17 @@ def load_spec(path: str | Path = CONFIG, *, tiny: bool = False) -> Spec:
             raise ConfigError(f"{where}.hold must be 'epochs' or 'steps', got {hold!r}")
         if hold == "steps" and f.get("key") != "data.options.num_train":
             raise ConfigError(f"{where}.hold: steps applies to the key data.options.num_train only")
+        floor = f.get("min_epochs") or {}
+        if floor and (hold != "steps" or not isinstance(floor, dict)
+                      or set(floor) - {"teacher", "student"}
+                      or not all(isinstance(v, int) and v >= 1 for v in floor.values())):
+            raise ConfigError(f"{where}.min_epochs must go with hold: steps and be a mapping "
+                              f"like {{teacher: 8, student: 5}} (whole numbers >= 1)")
         fams = f.get("families")
         factors.append(FactorSpec(name, str(f.get("label", name)), list(values), f.get("key"),
                                   f.get("option"), str(f.get("x_label", "")), bool(f.get("log")),
-                                  x, hold, tuple(fams) if fams else None))
+                                  x, hold, tuple(fams) if fams else None,
+                                  tuple(sorted(floor.items()))))
     if not factors:
         raise ConfigError(f"{path}: regimes.factors lists no factor")
     families = reg.get("families") or {data.get("data", {}).get("name", "data"): {}}
@@ -203,11 +213,15 @@ def _level_overrides(base: ExperimentConfig, f: FactorSpec, value: Any) -> tuple
     note = ""
     if f.hold == "steps":
         ratio = float(_get(base, f.key)) / float(value)
-        epochs = {who: max(1, round(getattr(base, who).train.epochs * ratio))
+        floor = dict(f.min_epochs)
+        epochs = {who: max(floor.get(who, 1), round(getattr(base, who).train.epochs * ratio))
                   for who in ("teacher", "student")}
         for who, e in epochs.items():
             out += _epoch_overrides(base, who, e)
         note = f"teacher {epochs['teacher']} / student {epochs['student']} epochs"
+        if any(floor.get(who, 0) > max(1, round(getattr(base, who).train.epochs * ratio))
+               for who in epochs):
+            note += " (the min_epochs floor: more steps than the base)"
     else:
         for who in ("teacher", "student"):
             if f.key == f"{who}.train.epochs":
@@ -525,7 +539,8 @@ def intro_lines(spec: Spec, plan: Plan, args: argparse.Namespace, est: dict | No
     if held:
         lines += [f"{', '.join(held)}: the number of optimisation steps stays at the base's "
                      f"(epochs scaled by base size / size, milestones alike), so the smaller "
-                     f"sets are seen more often; each level's epochs are in its row.", ""]
+                     f"sets are seen more often, except where the factor's min_epochs floor "
+                     f"gives a large set more; each level's epochs are in its row.", ""]
     options = [f.label for f in spec.factors if f.option
                and any(c.factor == f.name for c in plan.cells)]
     if options:

@@ -3,6 +3,7 @@ report files, and benchmarks/regimes.py end to end on a tiny grid."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 from pathlib import Path
@@ -312,3 +313,28 @@ def test_the_tiny_benchmark_end_to_end(tmp_path, capsys):
     ran = {p.relative_to(fresh).parts[0] for p in fresh.rglob("summary.json")}
     assert ran == {"known_truth.teacher_widths=6"}
     assert [s["gain"] for s in fourth["stats"]][:2] == [s["gain"] for s in stats][:2]
+
+
+def test_min_epochs_floors_the_held_steps_and_is_checked(tmp_path):
+    bench = _bench()
+    spec = bench.load_spec(_tiny_config(tmp_path, oracle="label_smoothing"))
+    base = bench.build_plan(spec, tmp_path / "out").experiments["known_truth.base"]
+    f = next(f for f in spec.factors if f.name == "num_train")
+    # twice the base's 48 samples: half the epochs, teacher 2 -> 1, student 1 -> max(1, 0) = 1
+    over, note = bench._level_overrides(base, f, 96)
+    assert "teacher.train.epochs=1" in over and note == "teacher 1 / student 1 epochs"
+    floored = dataclasses.replace(f, min_epochs=(("student", 3), ("teacher", 2)))
+    over, note = bench._level_overrides(base, floored, 96)
+    assert "teacher.train.epochs=2" in over and "student.train.epochs=3" in over
+    assert note.startswith("teacher 2 / student 3 epochs (the min_epochs floor")
+    # a level whose scaled epochs reach the floor keeps them: 24 samples, teacher 4, student 2
+    over, note = bench._level_overrides(base, dataclasses.replace(f, min_epochs=(
+        ("student", 2), ("teacher", 2))), 24)
+    assert "teacher.train.epochs=4" in over and "student.train.epochs=2" in over
+    assert "floor" not in note
+    bad = textwrap.dedent(TINY).replace("ORACLE", "oracle").replace(
+        "values: [[4], [6]], x: teacher_params}",
+        "values: [[4], [6]], x: teacher_params, min_epochs: {teacher: 2}}")
+    (tmp_path / "bad.yaml").write_text(bad)
+    with pytest.raises(ConfigError, match="min_epochs must go with hold: steps"):
+        bench.load_spec(tmp_path / "bad.yaml")
