@@ -214,13 +214,13 @@ def _level_overrides(base: ExperimentConfig, f: FactorSpec, value: Any) -> tuple
     if f.hold == "steps":
         ratio = float(_get(base, f.key)) / float(value)
         floor = dict(f.min_epochs)
-        epochs = {who: max(floor.get(who, 1), round(getattr(base, who).train.epochs * ratio))
+        scaled = {who: max(1, round(getattr(base, who).train.epochs * ratio))
                   for who in ("teacher", "student")}
+        epochs = {who: max(floor.get(who, 1), e) for who, e in scaled.items()}
         for who, e in epochs.items():
             out += _epoch_overrides(base, who, e)
         note = f"teacher {epochs['teacher']} / student {epochs['student']} epochs"
-        if any(floor.get(who, 0) > max(1, round(getattr(base, who).train.epochs * ratio))
-               for who in epochs):
+        if epochs != scaled:
             note += " (the min_epochs floor: more steps than the base)"
     else:
         for who in ("teacher", "student"):
